@@ -1,0 +1,137 @@
+"""The OBA surrogate network: the traced program re-evaluated with every nonlinearity linearised.
+
+OBA_SPEC.md §2: replace every non-bilinear op φ by `sg(φ(u)) + jvp(φ, sg(u); u − sg(u))` (same value and
+first derivative, zero second derivative), keep parameter layers and parallel products exact. The
+Hessian of `Σ sg(∂ℓ/∂z)·z̃` is then exactly OBA's H̃. With `linearise_parallel=True` the parallel products
+are linearised too, which leaves only the series part.
+
+With `probes` the evaluator also adds, for every layer, `P ⊛ sg(T)` to the layer's product, where T is a
+given tangent of the layer's input; the gradient with respect to the zero-valued probe P is then
+`Tᵀ g`, the downward part's kernel (see `oba_jax.hessian`).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.extend import core as jcore
+
+from oba_jax.graph import Role, _Analysis, _open, _sub_jaxpr
+
+__all__ = ["evaluate"]
+
+
+def _bind(eqn: jcore.JaxprEqn, args: Sequence[Any]) -> list[Any]:
+    bind_params = eqn.primitive.get_bind_params(eqn.params)
+    subfuns, params = bind_params if isinstance(bind_params, tuple) else ([], bind_params)
+    with eqn.ctx.manager:
+        out = eqn.primitive.bind(*subfuns, *args, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _linearised(eqn: jcore.JaxprEqn, args: list[Any], deps: list[bool]) -> list[Any]:
+    """`sg(φ(u)) + jvp(φ, sg(u); u − sg(u))` over the parameter-dependent operands."""
+    dyn = [i for i, d in enumerate(deps) if d]
+
+    def phi(*dyn_args):
+        full = list(args)
+        for i, a in zip(dyn, dyn_args):
+            full[i] = a
+        return _bind(eqn, full)
+
+    u = [args[i] for i in dyn]
+    u0 = [jax.lax.stop_gradient(x) for x in u]
+    primal, tangent = jax.jvp(phi, u0, [x - x0 for x, x0 in zip(u, u0)])
+    out = []
+    for p, t in zip(primal, tangent):
+        if jnp.issubdtype(p.dtype, jnp.inexact):
+            out.append(jax.lax.stop_gradient(p) + t)
+        else:
+            out.append(p)
+    return out
+
+
+def _series_product(eqn: jcore.JaxprEqn, args: list[Any]) -> list[Any]:
+    """`a·b ↦ sg(a)·b + a·sg(b) − sg(a)·sg(b)`: the product's first-order expansion."""
+    a, b = args[0], args[1]
+    sa, sb = jax.lax.stop_gradient(a), jax.lax.stop_gradient(b)
+    left = _bind(eqn, [sa, b])[0]
+    right = _bind(eqn, [a, sb])[0]
+    both = _bind(eqn, [sa, sb])[0]
+    return [left + right - both]
+
+
+class _Evaluator:
+    def __init__(self, analysis: _Analysis, *, linearise_parallel: bool,
+                 probes: dict[str, Any] | None, probe_tangents: dict[str, Any] | None,
+                 record_inputs: dict[str, Any] | None):
+        self.a = analysis
+        self.linearise_parallel = linearise_parallel
+        self.probes = probes
+        self.probe_tangents = probe_tangents
+        self.record_inputs = record_inputs
+        self.layer_calls: dict[str, int] = {}
+
+    def run(self, jaxpr: jcore.Jaxpr, consts: list[Any], args: list[Any], ctx: tuple[int, ...]) -> list[Any]:
+        env: dict[Any, Any] = {}
+        dep: dict[Any, bool] = {}
+        for v, c in zip(jaxpr.constvars, consts):
+            env[v] = c
+        for v, x in zip(jaxpr.invars, args):
+            env[v] = x
+        read = lambda v: v.val if isinstance(v, jcore.Literal) else env[v]
+        for eqn in jaxpr.eqns:
+            key = ctx + (id(eqn),)
+            ins = [read(v) for v in eqn.invars]
+            role = self.a.roles.get(key, Role.CONSTANT)
+            if role is Role.INLINE:
+                sub_jaxpr, sub_consts = _open(_sub_jaxpr(eqn))
+                outs = self.run(sub_jaxpr, sub_consts, ins[len(ins) - len(sub_jaxpr.invars):], key)
+            elif role is Role.NONLINEAR:
+                outs = _linearised(eqn, ins, self._deps(eqn, key))
+            elif role is Role.PARALLEL and self.linearise_parallel:
+                outs = _series_product(eqn, ins)
+            elif role is Role.LAYER:
+                outs = self._layer(eqn, ins, key)
+            else:
+                outs = _bind(eqn, ins)
+            for v, x in zip(eqn.outvars, outs):
+                env[v] = x
+        del dep
+        return [read(v) for v in jaxpr.outvars]
+
+    def _deps(self, eqn: jcore.JaxprEqn, key: tuple[int, ...]) -> list[bool]:
+        return self.a.nonlinear_deps[key]
+
+    def _layer(self, eqn: jcore.JaxprEqn, ins: list[Any], key: tuple[int, ...]) -> list[Any]:
+        path = self.a.layer_of_eqn[key]
+        w_pos = self.a.weight_position[key]
+        out = _bind(eqn, ins)
+        call = self.layer_calls.get(path, 0)
+        self.layer_calls[path] = call + 1
+        if self.record_inputs is not None:
+            self.record_inputs.setdefault(path, []).append(ins[1 - w_pos])
+        if self.probes is not None and path in self.probes:
+            tangent = jax.lax.stop_gradient(self.probe_tangents[path][call])
+            w_view = self.probes[path]
+            for view_eqn in self.a.weight_chain[key]:
+                (w_view,) = _bind(view_eqn, [w_view])
+            probe_args = list(ins)
+            probe_args[1 - w_pos] = tangent
+            probe_args[w_pos] = w_view
+            out = [out[0] + _bind(eqn, probe_args)[0]]
+        return out
+
+
+def evaluate(analysis: _Analysis, flat_params: Sequence[Any], flat_inputs: Sequence[Any], *,
+             linearise_parallel: bool = False, probes: dict[str, Any] | None = None,
+             probe_tangents: dict[str, Any] | None = None,
+             record_inputs: dict[str, Any] | None = None) -> Any:
+    """Logits of the surrogate network at `flat_params` (all leaves) on `flat_inputs`."""
+    closed = analysis.program.closed
+    ev = _Evaluator(analysis, linearise_parallel=linearise_parallel, probes=probes,
+                    probe_tangents=probe_tangents, record_inputs=record_inputs)
+    (out,) = ev.run(closed.jaxpr, list(closed.consts), [*flat_params, *flat_inputs], ())
+    return out
