@@ -45,7 +45,7 @@ _STRUCTURAL = frozenset({
 })
 _LINEAR = _STRUCTURAL | frozenset({
     "add", "add_any", "sub", "neg", "concatenate", "pad", "reduce_sum", "dynamic_slice",
-    "dynamic_update_slice", "gather", "select_n", "cumsum", "real", "imag", "complex", "conj",
+    "dynamic_update_slice", "gather", "select_n", "split", "cumsum", "real", "imag", "complex", "conj",
     "squeeze", "mul", "div", "dot_general", "conv_general_dilated", "reduce_window_sum",
     "scatter-add", "scatter_add", "optimization_barrier", "sharding_constraint", "pjit_sharding",
     "psum", "device_put", "name",
@@ -93,6 +93,7 @@ class ParallelProduct:
     primitive: str
     operands: tuple[tuple[str, ...], tuple[str, ...]]
     shape: tuple[int, ...]
+    sources: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())   # with slice tags, e.g. `qkv[0:64]`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +143,7 @@ class Connectivity:
             lines.append(f"  [{layer.kind:5s}] {layer.name}: {layer.weight}{bias} "
                          f"in_axes={layer.in_axes} out_axes={layer.out_axes} upstream={len(ups)}")
         for p in self.parallel:
-            lines.append(f"  [parallel {p.primitive}] {'+'.join(p.operands[0])} × {'+'.join(p.operands[1])} "
+            lines.append(f"  [parallel {p.primitive}] {'+'.join(p.sources[0])} × {'+'.join(p.sources[1])} "
                          f"-> {p.shape}")
         if self.unscored:
             lines.append("  not scored by OBA: " + ", ".join(self.unscored))
@@ -174,6 +175,20 @@ def _direct_edges(upstream: dict[str, tuple[str, ...]]) -> list[tuple[str, str]]
             if not any(up in upstream.get(mid, ()) for mid in ups if mid != up):
                 edges.append((up, down))
     return edges
+
+
+def _slice_tag(eqn: jcore.JaxprEqn, out_index: int) -> str:
+    """A readable name of the part of its input a `slice`/`split` output is."""
+    if eqn.primitive.name == "split":
+        sizes = [int(s) for s in eqn.params["sizes"]]
+        start = sum(sizes[:out_index])
+        return f"axis{eqn.params['axis']}:{start}:{start + sizes[out_index]}"
+    starts, limits = eqn.params["start_indices"], eqn.params["limit_indices"]
+    return ",".join(f"{a}:{b}" for a, b in zip(starts, limits))
+
+
+def _layer_names(sources: frozenset[str]) -> tuple[str, ...]:
+    return tuple(sorted({s.split("[", 1)[0] for s in sources}))
 
 
 def _key_name(key: Any) -> str:
@@ -355,6 +370,8 @@ class _Analysis:
                 outs = [self._maybe_layer(eqn, ins, ctx + (id(eqn),))]
             elif name == "add" and len(ins) == 2:
                 outs = [self._maybe_bias(eqn, ins, ctx + (id(eqn),))]
+                if outs[0].layer_out is None:
+                    outs = [self._through_residual(eqn, ins)]
             for v, info in zip(eqn.outvars, outs):
                 env[v] = info
         return [read(v) for v in jaxpr.outvars]
@@ -422,6 +439,16 @@ class _Analysis:
             return dataclasses.replace(y)
         return _NOTHING
 
+    def _through_residual(self, eqn: jcore.JaxprEqn, ins: list[_Info]) -> _Info:
+        """`y_L + r` still carries layer L's output channels, so a bias added next is L's (`h + x@W + b`)."""
+        carriers = [i for i, info in enumerate(ins)
+                    if info.layer_out is not None and self.layers[info.layer_out]["bias_index"] is None]
+        if len(carriers) != 1 or ins[1 - carriers[0]].view is not None:
+            return _NOTHING
+        if tuple(eqn.invars[carriers[0]].aval.shape) != tuple(eqn.outvars[0].aval.shape):
+            return _NOTHING
+        return ins[carriers[0]]
+
     # -- pass 2: dependence, sources, roles --------------------------------------------------
     def classify(self) -> None:
         jaxpr = self.program.closed.jaxpr
@@ -476,7 +503,8 @@ class _Analysis:
                     role, has_exact = Role.PARALLEL, True
                     self.parallel.append(ParallelProduct(
                         index=len(self.parallel), primitive=name,
-                        operands=(tuple(sorted(a)), tuple(sorted(b))),
+                        operands=(_layer_names(a), _layer_names(b)),
+                        sources=(tuple(sorted(a)), tuple(sorted(b))),
                         shape=tuple(eqn.outvars[0].aval.shape)))
                 else:
                     role = Role.NONLINEAR
@@ -487,8 +515,12 @@ class _Analysis:
             self.roles[key] = role
             if role is Role.NONLINEAR:
                 self.nonlinear_deps[key] = deps
-            for v in eqn.outvars:
-                env[v] = out_info if _is_float(v.aval) else _NOTHING
+            for j, v in enumerate(eqn.outvars):
+                info = out_info
+                if name in ("split", "slice") and out_info.dep:
+                    # Q, K, V sliced from one fused projection are different activations.
+                    info = dataclasses.replace(out_info, src=frozenset(f"{s}[{_slice_tag(eqn, j)}]" for s in src))
+                env[v] = info if _is_float(v.aval) else _NOTHING
         return [read(v) for v in jaxpr.outvars], has_exact
 
     def _control_has_layers(self, eqn: jcore.JaxprEqn) -> bool:
@@ -517,13 +549,27 @@ class _Analysis:
         return True
 
 
-def analyse(program: Program, paths: Sequence[str]) -> _Analysis:
-    """Run both walks; raises if the program has no parameter layer."""
+def _matches(path: str, patterns: Sequence[str]) -> bool:
+    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in patterns)
+
+
+def analyse(program: Program, paths: Sequence[str], exclude: Sequence[str] = ()) -> _Analysis:
+    """Run both walks; raises if the program has no parameter layer.
+
+    `exclude`: leaf paths (or path prefixes) of layer parameters to hold fixed: they are neither
+    perturbed (v = 0) nor scored, but their layers still couple the others.
+    """
     analysis = _Analysis(program, paths)
     analysis.find_layers()
     if not analysis.layers:
         raise ValueError("the model has no parameter layers: OBA scores Conv/Dense weights and biases, "
                          "found as dot_general/conv_general_dilated with a parameter operand; none was found")
+    unknown = [p for p in exclude if not any(_matches(q, [p]) for q in paths)]
+    if unknown:
+        raise ValueError(f"exclude names no parameter leaf: {unknown}; leaves are e.g. {list(paths)[:5]}")
+    analysis.theta = {i for i in analysis.theta if not _matches(paths[i], exclude)}
+    if not analysis.theta:
+        raise ValueError("every layer parameter is excluded: nothing left to score")
     analysis.classify()
     return analysis
 

@@ -178,7 +178,8 @@ def _baseline_batch(method: str, setup: _Setup, loss_fn: Callable, flat: Sequenc
 def score(apply_fn: Callable[[Any, Any], jax.Array], params: Any, batches: Any, method: str = "oba", *,
           parts: bool = False, first_order: bool = False, loss: LossFn | None = None,
           upward_delta: float = 1.0, downward_delta: float = 1.0, parallel_delta: float = 1.0,
-          precision: str = "highest", dtype: Any = None, seed: int = 0) -> ScoreResult:
+          precision: str = "highest", dtype: Any = None, seed: int = 0,
+          exclude: Sequence[str] = ()) -> ScoreResult:
     """Per-parameter importance of `params` for `apply_fn(params, inputs) -> logits (batch, classes)`.
 
     `batches`: an iterable of `(inputs, labels)` or a pair `(inputs, labels)` stacked along a leading
@@ -186,6 +187,7 @@ def score(apply_fn: Callable[[Any, Any], jax.Array], params: Any, batches: Any, 
     with several devices each batch is sharded across them. `parts=True` (OBA) also returns the upward,
     downward and parallel parts, each scaled by its delta squared. `first_order` adds the Taylor-correct
     first-order term `−θ·g`. `dtype=jnp.float64` scores in double precision (needs `jax_enable_x64`).
+    `exclude` (OBA): leaf paths or prefixes of layer parameters to hold fixed (neither perturbed nor scored).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -212,7 +214,7 @@ def score(apply_fn: Callable[[Any, Any], jax.Array], params: Any, batches: Any, 
     with jax.default_matmul_precision(precision):
         program = trace_program(apply_fn, jax.tree_util.tree_unflatten(treedef, leaves), first_x)
         _check_output(program.out_shape, first_y)
-        analysis = analyse(program, paths) if method == "oba" else None
+        analysis = analyse(program, paths, exclude) if method == "oba" else None
         graph = _build(analysis) if analysis is not None else None
         theta_idx = tuple(sorted(analysis.theta)) if analysis is not None else float_idx
         setup = _Setup(analysis=analysis, theta_idx=theta_idx, float_idx=float_idx, loss=loss,
