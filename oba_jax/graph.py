@@ -362,6 +362,10 @@ class _Analysis:
                 sj, _ = _open(sub)
                 sub_env = {v: info for v, info in zip(sj.invars, ins[len(ins) - len(sj.invars):])}
                 outs = self._walk_layers(sj, sub_env, ctx + (id(eqn),))
+            elif name in _CONTROL and any(i.view is not None for i in ins) and self._control_has_layers(eqn):
+                raise NotImplementedError(
+                    f"a parameter layer sits inside lax.{name}; OBA's connectivity map needs the layers "
+                    "unrolled (use a Python loop instead of lax.scan/nnx.scan/cond for the layer stack)")
             elif name in _STRUCTURAL and ins and ins[0].view is not None:
                 outs = [_Info(view=_view_through(eqn, ins[0].view))]
             elif name in ("convert_element_type", "copy", "copy_p") and ins and ins[0].layer_out is not None:
@@ -492,10 +496,6 @@ class _Analysis:
                     continue
                 role = Role.NONLINEAR
             elif name in _CONTROL:
-                if self._control_has_layers(eqn):
-                    raise NotImplementedError(
-                        f"a parameter layer sits inside lax.{name}; OBA's connectivity map needs the layers "
-                        "unrolled (use a Python loop instead of lax.scan/nnx.scan/cond for the layer stack)")
                 role = Role.NONLINEAR
             elif name in ("mul", "dot_general") and sum(deps) == 2:
                 a, b = ins[0].src, ins[1].src
@@ -523,13 +523,13 @@ class _Analysis:
                 env[v] = info if _is_float(v.aval) else _NOTHING
         return [read(v) for v in jaxpr.outvars], has_exact
 
-    def _control_has_layers(self, eqn: jcore.JaxprEqn) -> bool:
-        for sub in jcore.subjaxprs(eqn.params) if hasattr(jcore, "subjaxprs") else []:
-            for inner in sub.eqns:
-                if inner.primitive.name in ("dot_general", "conv_general_dilated"):
-                    return True
-        for branch in eqn.params.get("branches", ()):
-            if any(e.primitive.name in ("dot_general", "conv_general_dilated") for e in branch.jaxpr.eqns):
+    @staticmethod
+    def _control_has_layers(eqn: jcore.JaxprEqn) -> bool:
+        subs = [eqn.params.get(k) for k in ("jaxpr", "body_jaxpr", "cond_jaxpr")]
+        subs += list(eqn.params.get("branches", ()))
+        for sub in subs:
+            if sub is not None and any(e.primitive.name in ("dot_general", "conv_general_dilated")
+                                       for e in _open(sub)[0].eqns):
                 return True
         return False
 

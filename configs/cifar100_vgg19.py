@@ -1,0 +1,11 @@
+"""VGG-19-BN on CIFAR100 with the paper's pretraining recipe (OBA_SPEC.md §8)."""
+
+from oba_jax.config_lib import cifar_pretraining_recipe, default_sections
+
+
+def get_config():
+    config = default_sections()
+    config.model.family = "vgg"
+    config.model.spec.cfg_name = "vgg19"
+    config.model.spec.image_size = 32
+    return cifar_pretraining_recipe(config, "cifar100")

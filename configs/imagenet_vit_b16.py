@@ -1,0 +1,12 @@
+"""ViT-B/16 on ImageNet-1k with the paper's fine-tuning recipe (OBA_SPEC.md §8)."""
+
+from oba_jax.config_lib import default_sections, imagenet_finetune_recipe
+
+
+def get_config():
+    config = default_sections()
+    config.model.family = "vit"
+    config.model.spec.config_name = "vit_b16"
+    config.model.spec.image_size = 224
+    config.model.spec.num_classes = 1000
+    return imagenet_finetune_recipe(config)

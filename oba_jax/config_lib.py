@@ -1,0 +1,301 @@
+"""Experiment configs: load ``configs/*.py``, apply ``--config.key=value`` overrides, validate.
+
+A config file is the whole experiment (big_vision style): its ``get_config()`` returns an
+``ml_collections.ConfigDict`` with the sections ``model``, ``data``, ``optim``, ``train`` (and
+optionally ``plot``). Overrides are parsed to the type of the value they replace, so
+``--config.optim.lr=0.05`` stays a float and ``--config.train.max_steps=None`` clears an int.
+Every error is a :class:`ConfigError` whose message names the offending key.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from typing import Any, Sequence
+
+import ml_collections
+
+SCHEDULES = ("multistep", "cosine", "constant")
+DATASET_NAMES = ("fashion_mnist", "cifar10", "cifar100", "imagenet2012", "synthetic")
+MODEL_FAMILIES = ("mlp", "vgg", "resnet_cifar", "resnet50", "vit")
+
+# Sections whose keys are free-form: model.spec are keyword arguments of models.make_spec (validated
+# by building the spec), data.synthetic those of data.synthetic_dataset.
+OPEN_SECTIONS = ("model.spec", "data.synthetic")
+
+
+class ConfigError(ValueError):
+    """A config file, override or value is invalid; the message names the key."""
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """Imports the Python file at ``path`` and returns its ``get_config()``."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config: no such config file {path!r}")
+    spec = importlib.util.spec_from_file_location(f"_oba_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    except Exception as e:  # a syntax/import error in a user's config file
+        raise ConfigError(f"--config: cannot import {path!r}: {type(e).__name__}: {e}") from e
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"--config: {path!r} has no get_config() function")
+    config = module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"--config: get_config() in {path!r} must return an ml_collections.ConfigDict")
+    return config
+
+
+def parse_value(key: str, text: str, current: Any) -> Any:
+    """Parses ``text`` to the type of ``current`` (the value being overridden).
+
+    bool accepts true/false/1/0/yes/no; int/float use Python syntax; tuples/lists/None/dicts use
+    ``ast.literal_eval`` (``"(64,'M',128)"``, ``"None"``); a str stays the raw text. ``"None"``
+    is accepted for every key so optional settings can be cleared.
+    """
+    stripped = text.strip()
+    if stripped == "None":
+        return None
+    try:
+        if isinstance(current, bool):
+            lowered = stripped.lower()
+            if lowered in ("true", "1", "yes"):
+                return True
+            if lowered in ("false", "0", "no"):
+                return False
+            raise ValueError(f"expected true/false, got {text!r}")
+        if isinstance(current, int):
+            return int(stripped)
+        if isinstance(current, float):
+            return float(stripped)
+        if isinstance(current, str):
+            return text
+        value = ast.literal_eval(stripped)
+    except (ValueError, SyntaxError) as e:
+        kind = type(current).__name__ if current is not None else "Python literal"
+        raise ConfigError(f"--config.{key}: cannot parse {text!r} as {kind} ({e})") from None
+    if isinstance(current, (tuple, list)):
+        if not isinstance(value, (tuple, list)):
+            value = (value,)  # "--config.model.spec.hidden=64" means a one-element tuple
+        return tuple(value)
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _literal_or_str(text: str) -> Any:
+    """Value for a key that does not exist yet (open sections): a literal if it parses, else the text."""
+    try:
+        value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        return text
+    return tuple(value) if isinstance(value, list) else value
+
+
+def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
+    """Sets ``config.<key>`` (dotted path) from the command-line text ``text``, in place."""
+    parts = key.split(".")
+    node = config
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            raise ConfigError(f"--config.{key}: unknown key {'.'.join(parts[:i + 1])!r}")
+        node = node[part]
+    leaf = parts[-1]
+    parent = ".".join(parts[:-1])
+    if not isinstance(node, ml_collections.ConfigDict):
+        raise ConfigError(f"--config.{key}: {parent!r} is not a section")
+    if leaf in node:
+        current = node[leaf]
+        if isinstance(current, ml_collections.ConfigDict):
+            raise ConfigError(f"--config.{key}: is a section; set one of its keys {sorted(current.keys())}")
+        if current is None:
+            # A None default declared with a type (FieldReference(None, field_type=str)) parses as that type.
+            field_type = node.get_type(leaf)
+            current = {str: "", int: 0, float: 0.0, bool: False}.get(field_type)
+        value = parse_value(key, text, current) if current is not None else _literal_or_str(text)
+    elif parent in OPEN_SECTIONS:
+        value = _literal_or_str(text)
+    else:
+        raise ConfigError(f"--config.{key}: unknown key {key!r}; known keys in "
+                          f"{parent or 'config'}: {sorted(node.keys())}")
+    with node.unlocked():
+        try:
+            node[leaf] = value
+        except TypeError:
+            # ConfigDict refuses a type change (e.g. int -> None); clearing an optional value is legitimate.
+            del node[leaf]
+            node[leaf] = value
+
+
+def split_override_args(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Splits ``--config.a.b=v`` / ``--config.a.b v`` arguments from the others."""
+    rest: list[str] = []
+    overrides: list[tuple[str, str]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            body = arg[len("--config."):]
+            if "=" in body:
+                key, text = body.split("=", 1)
+            elif i + 1 < len(argv):
+                key, text = body, argv[i + 1]
+                i += 1
+            else:
+                raise ConfigError(f"--config.{body}: missing value (use --config.{body}=VALUE)")
+            overrides.append((key, text))
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def load_config(path: str, overrides: Sequence[tuple[str, str]] = (), *,
+                num_devices: int | None = None) -> ml_collections.ConfigDict:
+    """Loads ``path``, applies ``(key, text)`` overrides in order, validates, and locks the result."""
+    config = load_config_file(path)
+    for key, text in overrides:
+        apply_override(config, key, text)
+    validate_config(config, num_devices=num_devices)
+    config.lock()
+    return config
+
+
+def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            raise ConfigError(f"config.{key}: missing (every config needs it)")
+        node = node[part]
+    return node
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config.{key}: {message}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -> None:
+    """Raises :class:`ConfigError` naming the first invalid key.
+
+    ``num_devices`` (default: ``jax.device_count()``) must divide both batch sizes, because the
+    batch is sharded evenly along the 1-D data mesh.
+    """
+    family = _get(config, "model.family")
+    _check(family in MODEL_FAMILIES, "model.family", f"unknown family {family!r}; expected one of {MODEL_FAMILIES}")
+    spec_kwargs = _get(config, "model.spec")
+    _check(isinstance(spec_kwargs, ml_collections.ConfigDict), "model.spec", "must be a section")
+    try:
+        model_spec(config)
+    except ValueError as e:
+        raise ConfigError(f"config.model.spec: {e}") from None
+
+    name = _get(config, "data.name")
+    _check(name in DATASET_NAMES, "data.name", f"unknown dataset {name!r}; expected one of {DATASET_NAMES}")
+    _check(isinstance(_get(config, "data.augment"), bool), "data.augment", "must be true/false")
+    _check(isinstance(_get(config, "data.download"), bool), "data.download", "must be true/false")
+    data_dir = _get(config, "data.data_dir")
+    _check(data_dir is None or isinstance(data_dir, str), "data.data_dir", "must be a path or None")
+
+    lr = _get(config, "optim.lr")
+    _check(_is_number(lr) and lr > 0, "optim.lr", f"must be a positive number, got {lr!r}")
+    momentum = _get(config, "optim.momentum")
+    _check(_is_number(momentum) and 0 <= momentum < 1, "optim.momentum", f"must be in [0, 1), got {momentum!r}")
+    wd = _get(config, "optim.weight_decay")
+    _check(_is_number(wd) and wd >= 0, "optim.weight_decay", f"must be >= 0, got {wd!r}")
+    schedule = _get(config, "optim.schedule")
+    _check(schedule in SCHEDULES, "optim.schedule", f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
+    milestones = _get(config, "optim.milestones")
+    _check(isinstance(milestones, tuple) and all(_is_number(m) and m > 0 for m in milestones)
+           and list(milestones) == sorted(milestones), "optim.milestones",
+           f"must be an increasing tuple of positive epochs, got {milestones!r}")
+    gamma = _get(config, "optim.gamma")
+    _check(_is_number(gamma) and 0 < gamma <= 1, "optim.gamma", f"must be in (0, 1], got {gamma!r}")
+    smoothing = _get(config, "optim.label_smoothing")
+    _check(_is_number(smoothing) and 0 <= smoothing < 1, "optim.label_smoothing", f"must be in [0, 1), got {smoothing!r}")
+    _check(isinstance(_get(config, "optim.nesterov"), bool), "optim.nesterov", "must be true/false")
+
+    epochs = _get(config, "train.epochs")
+    _check(_is_number(epochs) and epochs > 0, "train.epochs", f"must be > 0, got {epochs!r}")
+    if num_devices is None:
+        import jax  # deferred: loading and checking a config should not initialise a backend
+        num_devices = jax.device_count()
+    for key in ("train.batch_size", "train.eval_batch_size"):
+        bs = _get(config, key)
+        _check(_is_int(bs) and bs > 0, key, f"must be a positive int, got {bs!r}")
+        _check(bs % num_devices == 0, key, f"{bs} is not divisible by the device count {num_devices}")
+    for key in ("train.log_every_steps", "train.checkpoint_every_steps"):
+        v = _get(config, key)
+        _check(_is_int(v) and v > 0, key, f"must be a positive int, got {v!r}")
+    max_steps = _get(config, "train.max_steps")
+    _check(max_steps is None or (_is_int(max_steps) and max_steps > 0), "train.max_steps",
+           f"must be None or a positive int, got {max_steps!r}")
+    _check(_is_int(_get(config, "train.seed")), "train.seed", "must be an int")
+
+
+def model_spec(config: ml_collections.ConfigDict):
+    """The ``models`` spec described by ``config.model`` (``make_spec(family, **spec)``)."""
+    from models import make_spec  # deferred so this module imports without the model zoo
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.model.spec.items()}
+    return make_spec(config.model.family, **kwargs)
+
+
+def default_sections() -> ml_collections.ConfigDict:
+    """A config with every required key at its default; ``configs/*.py`` start from this."""
+    config = ml_collections.ConfigDict()
+    config.model = ml_collections.ConfigDict({"family": "mlp", "spec": ml_collections.ConfigDict()})
+    config.data = ml_collections.ConfigDict({
+        "name": "synthetic", "data_dir": ml_collections.FieldReference(None, field_type=str),
+        "download": False, "augment": False,
+        "synthetic": ml_collections.ConfigDict({"num_train": 512, "num_test": 256,
+                                                "image_shape": (32, 32, 3), "num_classes": 10, "seed": 0}),
+    })
+    config.optim = ml_collections.ConfigDict({
+        "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False,
+        "schedule": "multistep", "milestones": (), "gamma": 0.1, "label_smoothing": 0.0,
+    })
+    config.train = ml_collections.ConfigDict({
+        "epochs": 1, "batch_size": 64, "eval_batch_size": 500, "seed": 0,
+        "log_every_steps": 50, "checkpoint_every_steps": 500,
+        "max_steps": ml_collections.FieldReference(None, field_type=int),
+        "progress_bar": True, "distributed": False,
+    })
+    config.plot = ml_collections.ConfigDict({"enabled": True, "filename": "curves.png"})
+    return config
+
+
+def cifar_pretraining_recipe(config: ml_collections.ConfigDict, dataset: str) -> ml_collections.ConfigDict:
+    """The paper's CIFAR pretraining (OBA_SPEC.md §8): SGD m0.9, lr 0.1, wd 5e-4, batch 64,
+    200 epochs, lr x0.1 at epochs 60/100/150, pad-4 crop + flip."""
+    num_classes = {"cifar10": 10, "cifar100": 100}[dataset]
+    config.model.spec.num_classes = num_classes
+    config.data.name = dataset
+    config.data.augment = True
+    config.data.synthetic.image_shape = (32, 32, 3)
+    config.data.synthetic.num_classes = num_classes
+    config.optim.update(lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="multistep",
+                        milestones=(60, 100, 150), gamma=0.1)
+    config.train.update(epochs=200, batch_size=64, eval_batch_size=500, log_every_steps=100,
+                        checkpoint_every_steps=2000)
+    return config
+
+
+def imagenet_finetune_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The paper's ImageNet fine-tuning (OBA_SPEC.md §8): 100 epochs, lr 0.001, wd 1e-4,
+    lr x0.1 at epochs 30/60/80. Augmentation (RandomResizedCrop etc.) happens in the ImageNet loader."""
+    config.data.name = "imagenet2012"
+    config.data.augment = False  # the streaming loader crops/flips off the accelerator
+    config.data.synthetic.image_shape = (224, 224, 3)
+    config.data.synthetic.num_classes = 1000
+    config.optim.update(lr=0.001, momentum=0.9, weight_decay=1e-4, schedule="multistep",
+                        milestones=(30, 60, 80), gamma=0.1)
+    config.train.update(epochs=100, batch_size=256, eval_batch_size=256, log_every_steps=100,
+                        checkpoint_every_steps=1000)
+    return config

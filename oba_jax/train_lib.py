@@ -1,0 +1,558 @@
+"""Data-parallel SGD training and evaluation of NNX models on in-memory datasets.
+
+The model is split NNX-style into ``graphdef`` (static structure), ``params`` (``nnx.Param``),
+``batch_stats`` (``nnx.BatchStat``) and ``other`` (any remaining state, kept constant). A
+:class:`TrainState` holds the arrays; :func:`make_train_step` returns a pure jitted
+``train_step(state, images_uint8, labels, rng) -> (state, metrics)`` that donates the state.
+
+Parallelism: a 1-D ``jax.sharding.Mesh`` named ``'data'`` over all (global) devices; batches are
+sharded along it, parameters and optimizer state replicated, so XLA inserts the gradient
+all-reduce. Nothing depends on the device count except that it must divide the batch size.
+
+Determinism: the epoch permutation comes from ``(seed, epoch)`` and the augmentation rng from
+``(seed, step)``, so a run resumed from a checkpoint at step ``s`` replays exactly the batches an
+uninterrupted run would have seen.
+
+Entry points: :func:`train_and_evaluate` (config + workdir, what ``train.py`` calls) and
+:func:`fit` (an already-built model, e.g. a pruned one to fine-tune).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from oba_jax import checkpoint as ckpt_lib
+from oba_jax import config_lib
+
+Metrics = dict[str, float]
+METRICS_FILE = "metrics.jsonl"
+
+
+# ----------------------------------------------------------------------------- state
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    """Everything that changes during training (all leaves are arrays)."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelParts:
+    """The static half of a split model plus the state that training never changes."""
+
+    graphdef: Any
+    other: Any
+
+
+def split_model(model: nnx.Module) -> tuple[ModelParts, Any, Any]:
+    """``model -> (parts, params, batch_stats)`` as nnx.State pytrees."""
+    graphdef, params, batch_stats, other = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    return ModelParts(graphdef, other), params, batch_stats
+
+
+def merge_model(parts: ModelParts, params: Any, batch_stats: Any) -> nnx.Module:
+    """Inverse of :func:`split_model`; fresh Variables (``copy=True``) so that, inside a
+    transformation such as ``jax.grad``, BatchNorm may update stats created at that trace level."""
+    return nnx.merge(parts.graphdef, params, batch_stats, parts.other, copy=True)
+
+
+def apply_model(parts: ModelParts, params: Any, batch_stats: Any, images: jax.Array, *,
+                train: bool) -> tuple[jax.Array, Any]:
+    """Logits and the (possibly updated) batch stats; BN uses batch statistics iff ``train``."""
+    model = merge_model(parts, params, batch_stats)
+    model.train() if train else model.eval()
+    logits = model(images)
+    return logits, nnx.state(model, nnx.BatchStat)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict, steps_per_epoch: int,
+                           total_steps: int) -> optax.Schedule:
+    """Per-step learning rate.
+
+    ``multistep``: ``lr * gamma**k`` after the k-th milestone epoch (PyTorch MultiStepLR stepped
+    once per epoch, i.e. boundaries at ``milestone * steps_per_epoch``); ``cosine``: cosine decay
+    from ``lr`` to 0 over ``total_steps``; ``constant``: ``lr``.
+    """
+    if optim.schedule == "constant":
+        return optax.constant_schedule(optim.lr)
+    if optim.schedule == "cosine":
+        return optax.cosine_decay_schedule(optim.lr, decay_steps=max(total_steps, 1))
+    if optim.schedule == "multistep":
+        boundaries = {int(round(m * steps_per_epoch)): optim.gamma for m in optim.milestones}
+        return optax.piecewise_constant_schedule(optim.lr, boundaries)
+    raise ValueError(f"config.optim.schedule: unknown schedule {optim.schedule!r}")
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """SGD with momentum and *coupled* weight decay, as PyTorch's ``SGD(weight_decay=wd)``.
+
+    ``wd * theta`` is added to the gradient of every parameter (BN scales and biases included,
+    as in the paper's code) before the momentum trace ``buf = momentum * buf + g`` and the update
+    ``theta -= lr * buf``; with ``nesterov`` the update uses ``g + momentum * buf``.
+    """
+    return optax.chain(
+        optax.add_decayed_weights(optim.weight_decay),
+        optax.sgd(schedule, momentum=optim.momentum or None, nesterov=optim.nesterov),
+    )
+
+
+# ----------------------------------------------------------------------------- losses, metrics
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
+                  label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example cross-entropy against one-hot labels smoothed as PyTorch does:
+    target = (1 - s) * onehot + s / num_classes."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+    """1.0 per example whose label is among the ``k`` largest logits (k capped at num_classes).
+
+    Counts classes scoring strictly higher than the label's logit, so ties favour the label
+    (the same as torch.topk on distinct logits).
+    """
+    label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+    higher = jnp.sum(logits > label_logit, axis=-1)
+    return (higher < min(k, logits.shape[-1])).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- mesh / sharding
+
+
+def make_mesh(devices: list | None = None) -> Mesh:
+    """1-D mesh named ``'data'`` over ``devices`` (default: every global device)."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), ("data",))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec("data"))
+
+
+def put_replicated(tree: Any, mesh: Mesh) -> Any:
+    """Places a host pytree on every device of ``mesh`` (works across hosts: each host fills its own shards)."""
+    sharding = replicated(mesh)
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+    return jax.tree.map(put, tree)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, *, num_classes: int,
+                    label_smoothing: float, augment: bool, mean, std, mesh: Mesh) -> Callable:
+    """Returns jitted ``train_step(state, images_u8, labels, rng) -> (state, metrics)``.
+
+    ``images_u8`` (B, H, W, C) uint8 and ``labels`` (B,) are sharded along the mesh; the images
+    are augmented and normalised inside the step. The state argument is donated.
+    """
+    from oba_jax.data import preprocess_batch  # deferred: keeps this module importable on its own
+
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+    def loss_fn(params, batch_stats, images, labels):
+        logits, new_stats = apply_model(parts, params, batch_stats, images, train=True)
+        loss = jnp.mean(cross_entropy(logits, labels, num_classes, label_smoothing))
+        return loss, (logits, new_stats)
+
+    def train_step(state: TrainState, images_u8, labels, rng):
+        images = preprocess_batch(images_u8, rng, augment=augment, mean=mean, std=std)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (logits, new_stats)), grads = grad_fn(state.params, state.batch_stats, images, labels)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "accuracy": jnp.mean(topk_correct(logits, labels, 1))}
+        return TrainState(state.step + 1, params, new_stats, opt_state), metrics
+
+    rep = replicated(mesh)
+    return jax.jit(train_step, donate_argnums=0, out_shardings=(rep, rep))
+
+
+def make_eval_step(parts: ModelParts, *, num_classes: int, mean, std, mesh: Mesh) -> Callable:
+    """Returns jitted ``eval_step(params, batch_stats, images_u8, labels, weights) -> sums``.
+
+    Sums (not means) of loss, top-1, top-5 and the example count over examples with weight 1,
+    so padded examples (weight 0) of the last batch do not count.
+    """
+    from oba_jax.data import preprocess_batch
+
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+    def eval_step(params, batch_stats, images_u8, labels, weights):
+        images = preprocess_batch(images_u8, None, augment=False, mean=mean, std=std)
+        logits, _ = apply_model(parts, params, batch_stats, images, train=False)
+        loss = cross_entropy(logits, labels, num_classes)
+        return {"loss": jnp.sum(loss * weights),
+                "top1": jnp.sum(topk_correct(logits, labels, 1) * weights),
+                "top5": jnp.sum(topk_correct(logits, labels, 5) * weights),
+                "count": jnp.sum(weights)}
+
+    return jax.jit(eval_step, out_shardings=replicated(mesh))
+
+
+def make_gather(mesh: Mesh) -> Callable:
+    """Jitted ``gather(images, labels, indices) -> (images[indices], labels[indices])``, batch-sharded.
+
+    The dataset stays on device (replicated uint8); only the index vector crosses from the host.
+    """
+    out = batch_sharded(mesh)
+    return jax.jit(lambda images, labels, idx: (images[idx], labels[idx]), out_shardings=(out, out))
+
+
+# ----------------------------------------------------------------------------- data order
+
+
+def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+    """The order of examples in ``epoch``; a pure function of ``(seed, epoch)``."""
+    return np.random.default_rng((seed, epoch)).permutation(num_examples)
+
+
+def batch_indices(seed: int, epoch: int, step_in_epoch: int, num_examples: int,
+                  batch_size: int) -> np.ndarray:
+    """Indices of batch ``step_in_epoch`` of ``epoch`` (the incomplete last batch is dropped)."""
+    order = epoch_permutation(seed, epoch, num_examples)
+    return order[step_in_epoch * batch_size:(step_in_epoch + 1) * batch_size].astype(np.int32)
+
+
+def step_rng(seed: int, step: int) -> jax.Array:
+    """The augmentation/dropout key of global step ``step``; a pure function of ``(seed, step)``."""
+    return jax.random.fold_in(jax.random.key(seed), step)
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+@dataclasses.dataclass
+class Trainer:
+    """The compiled functions and device data of one training run (built by :func:`make_trainer`)."""
+
+    config: ml_collections.ConfigDict
+    parts: ModelParts
+    mesh: Mesh
+    schedule: optax.Schedule
+    tx: optax.GradientTransformation
+    train_step: Callable
+    eval_step: Callable
+    gather: Callable
+    train_images: jax.Array
+    train_labels: jax.Array
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    steps_per_epoch: int
+    total_steps: int
+    num_train: int
+
+
+def steps_per_epoch_of(num_train: int, batch_size: int) -> int:
+    if num_train < batch_size:
+        raise ValueError(f"config.train.batch_size: {batch_size} exceeds the {num_train} training examples")
+    return num_train // batch_size
+
+
+def total_steps_of(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+    """``epochs * steps_per_epoch``, capped by ``train.max_steps`` when set."""
+    total = int(round(config.train.epochs * steps_per_epoch))
+    if config.train.get("max_steps") is not None:
+        total = min(total, int(config.train.max_steps))
+    return total
+
+
+def make_trainer(config: ml_collections.ConfigDict, parts: ModelParts, dataset, mesh: Mesh | None = None) -> Trainer:
+    """Compiles the step functions and puts the training set on device."""
+    mesh = make_mesh() if mesh is None else mesh
+    spe = steps_per_epoch_of(len(dataset.train_labels), config.train.batch_size)
+    total = total_steps_of(config, spe)
+    # The schedule is defined over the full epochs even when max_steps truncates the run, so a
+    # truncated run follows the same lr curve as the first max_steps of the full run.
+    schedule = learning_rate_schedule(config.optim, spe, int(round(config.train.epochs * spe)))
+    tx = make_optimizer(config.optim, schedule)
+    common = dict(num_classes=dataset.num_classes, mean=dataset.mean, std=dataset.std, mesh=mesh)
+    train_step = make_train_step(parts, tx, label_smoothing=config.optim.label_smoothing,
+                                 augment=config.data.augment, **common)
+    eval_step = make_eval_step(parts, **common)
+    images, labels = put_replicated((dataset.train_images, dataset.train_labels.astype(np.int32)), mesh)
+    return Trainer(config, parts, mesh, schedule, tx, train_step, eval_step, make_gather(mesh), images, labels,
+                   np.asarray(dataset.test_images), np.asarray(dataset.test_labels, np.int32), spe, total,
+                   len(dataset.train_labels))
+
+
+def create_state(trainer: Trainer, params: Any, batch_stats: Any) -> TrainState:
+    """Step 0 state with a fresh optimizer, replicated over the mesh."""
+    state = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, trainer.tx.init(params))
+    return put_replicated(jax.device_get(state), trainer.mesh)
+
+
+def train_steps(trainer: Trainer, state: TrainState, start_step: int, stop_step: int,
+                on_step: Callable[[int, TrainState, Mapping[str, jax.Array]], None] | None = None) -> TrainState:
+    """Runs global steps ``[start_step, stop_step)``; ``on_step(step_done, state, metrics)`` after each.
+
+    Batches are looked up by global step, so any range can be run (that is what makes resume exact).
+    """
+    cfg = trainer.config.train
+    for step in range(start_step, stop_step):
+        epoch, in_epoch = divmod(step, trainer.steps_per_epoch)
+        idx = batch_indices(cfg.seed, epoch, in_epoch, trainer.num_train, cfg.batch_size)
+        images, labels = trainer.gather(trainer.train_images, trainer.train_labels, idx)
+        state, metrics = trainer.train_step(state, images, labels, step_rng(cfg.seed, step))
+        if on_step is not None:
+            on_step(step + 1, state, metrics)
+    return state
+
+
+def evaluate(trainer: Trainer, params: Any, batch_stats: Any, images: np.ndarray | None = None,
+             labels: np.ndarray | None = None) -> Metrics:
+    """Mean loss, top-1 and top-5 accuracy (BN in eval mode) on the test set (or the given arrays)."""
+    images = trainer.test_images if images is None else images
+    labels = trainer.test_labels if labels is None else labels
+    bs = trainer.config.train.eval_batch_size
+    sharding = batch_sharded(trainer.mesh)
+    totals = None
+    for start in range(0, len(labels), bs):
+        x, y = images[start:start + bs], labels[start:start + bs]
+        w = np.ones(len(y), np.float32)
+        pad = bs - len(y)  # one shape for every batch: pad the last one and give the padding weight 0
+        if pad:
+            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+            y, w = np.concatenate([y, np.zeros(pad, y.dtype)]), np.concatenate([w, np.zeros(pad, np.float32)])
+        x, y, w = (jax.make_array_from_callback(a.shape, sharding, lambda i, a=a: a[i]) for a in (x, y, w))
+        sums = trainer.eval_step(params, batch_stats, x, y, w)
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    n = max(float(totals["count"]), 1.0)
+    return {"loss": float(totals["loss"]) / n, "top1": float(totals["top1"]) / n, "top5": float(totals["top5"]) / n}
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``workdir/metrics.jsonl`` (process 0 only)."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, METRICS_FILE)
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        if jax.process_index() != 0:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(dict(record)) + "\n")
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """All records of ``workdir/metrics.jsonl`` (keeping the last record per (kind, step) after resumes)."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return []
+    records: dict[tuple, dict] = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                records[(r.get("kind"), r.get("step"))] = r
+    return sorted(records.values(), key=lambda r: (r.get("step", 0), r.get("kind", "")))
+
+
+def plot_curves(workdir: str, filename: str = "curves.png") -> str | None:
+    """Saves loss/accuracy curves from metrics.jsonl as a PNG; returns its path (None if no data)."""
+    records = read_metrics(workdir)
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    if not train and not evals:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    if train:
+        steps = [r["step"] for r in train]
+        ax_loss.plot(steps, [r["train_loss"] for r in train], label="train")
+        ax_acc.plot(steps, [r["train_accuracy"] for r in train], label="train top-1")
+    if evals:
+        steps = [r["step"] for r in evals]
+        ax_loss.plot(steps, [r["eval_loss"] for r in evals], "o-", label="test")
+        ax_acc.plot(steps, [r["eval_top1"] for r in evals], "o-", label="test top-1")
+        ax_acc.plot(steps, [r["eval_top5"] for r in evals], "s--", label="test top-5")
+    ax_loss.set(xlabel="step", ylabel="loss", title="loss")
+    ax_acc.set(xlabel="step", ylabel="accuracy", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path = os.path.join(workdir, filename)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _progress_bar(total_images: int, initial_images: int, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total_images, initial=initial_images, unit="img", unit_scale=True, smoothing=0.1,
+                dynamic_ncols=True, disable=not enabled or jax.process_index() != 0, desc="train")
+
+
+# ----------------------------------------------------------------------------- loops
+
+
+def fit(model: nnx.Module, dataset, config: ml_collections.ConfigDict, workdir: str | None, *,
+        spec=None, mesh: Mesh | None = None) -> tuple[nnx.Module, Metrics]:
+    """Trains ``model`` on ``dataset`` per ``config``; returns the trained model and final metrics.
+
+    With a ``workdir``: logs to ``metrics.jsonl``, checkpoints every ``train.checkpoint_every_steps``
+    and at the end, resumes from the latest checkpoint there, and plots the curves. ``spec`` (the
+    model's architecture spec; default ``model.spec``) is stored in the checkpoint so
+    :func:`oba_jax.checkpoint.restore_model` can rebuild the model alone. ``model`` is not modified.
+    """
+    t_start = time.time()
+    parts, params, batch_stats = split_model(model)
+    trainer = make_trainer(config, parts, dataset, mesh)
+    state = create_state(trainer, params, batch_stats)
+    spec = getattr(model, "spec", None) if spec is None else spec
+    cfg = config.train
+
+    manager, log, elapsed_before = None, None, 0.0
+    if workdir is not None:
+        os.makedirs(workdir, exist_ok=True)
+        log = MetricsLog(workdir)
+        manager = ckpt_lib.make_manager(workdir)
+        restored = ckpt_lib.restore_state(manager, state, spec=spec)
+        if restored is not None:
+            state, meta = restored
+            elapsed_before = float(meta.get("wall_time", 0.0))
+    start = int(jax.device_get(state.step))
+    wall = lambda: elapsed_before + time.time() - t_start  # noqa: E731  (wall time summed over resumes)
+
+    def save(state: TrainState, step: int) -> None:
+        if manager is not None:
+            epoch, in_epoch = divmod(step, trainer.steps_per_epoch)
+            ckpt_lib.save_state(manager, step, state, spec=spec, config=config,
+                                data_position={"epoch": epoch, "step_in_epoch": in_epoch},
+                                extra={"wall_time": wall()})
+
+    bar = _progress_bar(trainer.total_steps * cfg.batch_size, start * cfg.batch_size,
+                        bool(config.train.get("progress_bar", True)))
+    window: list[Mapping[str, jax.Array]] = []
+
+    def on_step(step: int, state: TrainState, metrics) -> None:
+        bar.update(cfg.batch_size)
+        window.append(metrics)
+        # Reading metrics forces a device sync, so it happens only every log_every_steps.
+        if step % cfg.log_every_steps == 0 or step == trainer.total_steps:
+            host = jax.device_get(window)
+            loss = float(np.mean([m["loss"] for m in host]))
+            acc = float(np.mean([m["accuracy"] for m in host]))
+            window.clear()
+            bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}")
+            if log is not None:
+                log.write({"kind": "train", "step": step, "epoch": step / trainer.steps_per_epoch,
+                           "lr": float(trainer.schedule(step - 1)), "train_loss": loss,
+                           "train_accuracy": acc, "wall_time": wall()})
+        if step % trainer.steps_per_epoch == 0 and step != trainer.total_steps:
+            record_eval(step, state)
+        if step % cfg.checkpoint_every_steps == 0 and step != trainer.total_steps:
+            save(state, step)
+
+    def record_eval(step: int, state: TrainState) -> Metrics:
+        metrics = evaluate(trainer, state.params, state.batch_stats)
+        if log is not None:
+            log.write({"kind": "eval", "step": step, "epoch": step / trainer.steps_per_epoch,
+                       **{f"eval_{k}": v for k, v in metrics.items()}, "wall_time": wall()})
+        return metrics
+
+    try:
+        state = train_steps(trainer, state, start, trainer.total_steps, on_step)
+    finally:
+        bar.close()
+    final = record_eval(trainer.total_steps, state)
+    if manager is not None:
+        if manager.latest_step() != trainer.total_steps:
+            save(state, trainer.total_steps)
+        manager.wait_until_finished()
+        manager.close()
+    if workdir is not None and config.get("plot", {}).get("enabled", True) and jax.process_index() == 0:
+        plot_curves(workdir, config.plot.get("filename", "curves.png"))
+    params, batch_stats = jax.device_get((state.params, state.batch_stats))
+    trained = merge_model(parts, params, batch_stats)
+    final = {**final, "steps": trainer.total_steps, "epochs": trainer.total_steps / trainer.steps_per_epoch,
+             "wall_time": wall()}
+    return trained, final
+
+
+def load_dataset_for(config: ml_collections.ConfigDict):
+    """The dataset named by ``config.data`` (synthetic kwargs only for ``synthetic``)."""
+    from oba_jax import data
+    kwargs = dict(config.data.synthetic) if config.data.name == "synthetic" else {}
+    if "image_shape" in kwargs:
+        kwargs["image_shape"] = tuple(kwargs["image_shape"])
+    return data.load_dataset(config.data.name, config.data.data_dir, download=config.data.download, **kwargs)
+
+
+def count_params(model: nnx.Module) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def check_dataset_matches(spec, dataset) -> None:
+    """Fails early (naming the config key) when the model's input/classes do not fit the dataset."""
+    from models import input_shape
+    expected = tuple(input_shape(spec))
+    got = tuple(dataset.train_images.shape[1:])
+    if expected != got:
+        raise config_lib.ConfigError(
+            f"config.model.spec: the model expects {expected} images but dataset {dataset.name!r} has {got}")
+    if spec.num_classes != dataset.num_classes:
+        raise config_lib.ConfigError(
+            f"config.model.spec.num_classes: {spec.num_classes} != {dataset.num_classes} classes in {dataset.name!r}")
+
+
+def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
+    """Multi-host: ``jax.distributed.initialize()`` (cluster auto-detected) when ``train.distributed``."""
+    if config.train.get("distributed", False):
+        jax.distributed.initialize()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> Metrics:
+    """Builds the model and dataset from ``config``, trains (resuming from ``workdir``), evaluates.
+
+    ``workdir=None`` trains without checkpoints, logs or plots.
+
+    Returns the final test metrics plus ``num_params``, ``steps``, ``epochs`` and ``wall_time``.
+    """
+    from models import build_model
+    spec = config_lib.model_spec(config)
+    dataset = load_dataset_for(config)
+    check_dataset_matches(spec, dataset)
+    model = build_model(spec, rngs=nnx.Rngs(config.train.seed))
+    _, metrics = fit(model, dataset, config, workdir, spec=spec)
+    return {**metrics, "num_params": count_params(model), "dataset": dataset.name,
+            "dataset_source": dataset.source, "model": spec.family}

@@ -1,0 +1,127 @@
+"""Every configs/*.py loads, validates and trains 2 steps on synthetic data of its shapes; bad
+overrides are rejected with a message naming the key."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+
+from oba_jax import config_lib, train_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
+
+# The full-size models would take minutes to compile on CPU, so the largest keep their family and
+# the rest of their recipe but get narrow widths (and ImageNet ones 32x32 images) in this smoke test.
+SHRINK = {
+    "cifar10_vgg19": [("model.spec.cfg_name", "None"), ("model.spec.cfg", "(8, 'M', 8, 'M', 16, 'M', 16, 'M', 16)")],
+    "cifar100_vgg19": [("model.spec.cfg_name", "None"), ("model.spec.cfg", "(8, 'M', 8, 'M', 16, 'M', 16, 'M', 16)")],
+    "cifar10_resnet32": [("model.spec.width_multiplier", "1")],
+    "cifar100_resnet32": [("model.spec.width_multiplier", "1"), ("model.spec.depth", "8")],
+    "imagenet_resnet50": [("model.spec.image_size", "32"), ("model.spec.stem_width", "8"),
+                          ("model.spec.stage_widths", "(16, 16, 16, 16)"),
+                          ("model.spec.blocks_per_stage", "(1, 1, 1, 1)"),
+                          ("model.spec.block_widths", "(((8, 8),), ((8, 8),), ((8, 8),), ((8, 8),))")],
+    "imagenet_vit_b16": [("model.spec.image_size", "32"), ("model.spec.num_layers", "2"),
+                         ("model.spec.hidden_dim", "32"), ("model.spec.num_heads", "2"),
+                         ("model.spec.mlp_dim", "64")],
+}
+
+
+def _name(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def test_the_required_configs_exist():
+    names = {_name(p) for p in CONFIGS}
+    assert {"fashion_mnist", "cifar10_vgg19", "cifar100_vgg19", "cifar10_resnet32", "cifar100_resnet32",
+            "imagenet_resnet50", "imagenet_vit_b16"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=_name)
+def test_config_validates_as_written(path):
+    config = config_lib.load_config(path, num_devices=1)
+    spec = config_lib.model_spec(config)
+    assert spec.family == config.model.family
+
+
+def test_paper_recipes():
+    c = config_lib.load_config(os.path.join(REPO, "configs", "cifar100_resnet32.py"), num_devices=1)
+    assert (c.optim.lr, c.optim.momentum, c.optim.weight_decay, c.train.batch_size, c.train.epochs) == (0.1, 0.9, 5e-4, 64, 200)
+    assert tuple(c.optim.milestones) == (60, 100, 150) and c.data.augment
+    assert config_lib.model_spec(c).stage_widths == (64, 128, 256)
+    assert config_lib.model_spec(c).num_classes == 100
+    i = config_lib.load_config(os.path.join(REPO, "configs", "imagenet_vit_b16.py"), num_devices=1)
+    assert (i.optim.lr, i.optim.weight_decay, i.train.epochs, tuple(i.optim.milestones)) == (0.001, 1e-4, 100, (30, 60, 80))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=_name)
+def test_config_trains_two_steps_on_synthetic_data(path):
+    base = config_lib.load_config(path, num_devices=1)
+    shape = tuple(base.data.synthetic.image_shape)
+    overrides = SHRINK.get(_name(path), []) + [
+        ("data.name", "synthetic"), ("data.synthetic.num_train", "8"), ("data.synthetic.num_test", "4"),
+        ("train.batch_size", "4"), ("train.eval_batch_size", "4"), ("train.max_steps", "2"),
+        ("train.progress_bar", "false")]
+    if _name(path).startswith("imagenet"):
+        overrides.append(("data.synthetic.image_shape", "(32, 32, 3)"))
+    config = config_lib.load_config(path, overrides, num_devices=1)
+    if not _name(path).startswith("imagenet"):
+        assert tuple(config.data.synthetic.image_shape) == shape
+    # No workdir: checkpoints, logs and plots are covered by test_train_cli / test_checkpoint.
+    metrics = train_lib.train_and_evaluate(config, None)
+    assert metrics["steps"] == 2 and metrics["model"] == base.model.family
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("optim.lr", "-1", "optim.lr"),
+    ("nope", "1", "nope"),
+    ("optim.nope", "1", "optim.nope"),
+    ("optim.schedule", "linear", "optim.schedule"),
+    ("data.name", "mnist", "data.name"),
+    ("model.family", "alexnet", "model.family"),
+    ("train.batch_size", "abc", "train.batch_size"),
+    ("train.batch_size", "0", "train.batch_size"),
+    ("data.augment", "maybe", "data.augment"),
+    ("model.spec.hidden", "(0,)", "model.spec"),
+    ("optim.milestones", "(100, 60)", "optim.milestones"),
+])
+def test_bad_overrides_are_rejected_naming_the_key(key, value, fragment):
+    path = os.path.join(REPO, "configs", "fashion_mnist.py")
+    if key == "model.spec.hidden":
+        overrides = [("model.family", "mlp"), ("model.spec.cfg", "None"), ("model.spec.in_channels", "None"),
+                     ("model.spec.image_size", "None"), ("model.spec.image_shape", "(28, 28, 1)"), (key, value)]
+        with pytest.raises(config_lib.ConfigError, match="config.model.spec"):
+            config_lib.load_config(path, overrides, num_devices=1)
+        return
+    with pytest.raises(config_lib.ConfigError) as info:
+        config_lib.load_config(path, [(key, value)], num_devices=1)
+    assert fragment in str(info.value)
+
+
+def test_batch_size_must_divide_device_count():
+    path = os.path.join(REPO, "configs", "fashion_mnist.py")
+    with pytest.raises(config_lib.ConfigError, match="train.batch_size.*device count 3"):
+        config_lib.load_config(path, num_devices=3)
+
+
+def test_overrides_keep_types():
+    path = os.path.join(REPO, "configs", "fashion_mnist.py")
+    config = config_lib.load_config(path, [
+        ("optim.lr", "1"), ("train.epochs", "4"), ("data.augment", "true"), ("optim.milestones", "(1, 2)"),
+        ("train.max_steps", "7"), ("data.data_dir", "/x"), ("model.spec.cfg", "(8, 'M', 16)")], num_devices=1)
+    assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float)
+    assert config.train.epochs == 4 and config.data.augment is True
+    assert config.optim.milestones == (1, 2) and config.train.max_steps == 7 and config.data.data_dir == "/x"
+    assert config_lib.model_spec(config).cfg == (8, "M", 16)
+    again = config_lib.load_config(path, [("train.max_steps", "7"), ("train.max_steps", "None")], num_devices=1)
+    assert again.train.max_steps is None
+
+
+def test_split_override_args():
+    rest, overrides = config_lib.split_override_args(
+        ["--config", "c.py", "--config.optim.lr=0.5", "--workdir", "w", "--config.train.epochs", "3"])
+    assert rest == ["--config", "c.py", "--workdir", "w"]
+    assert overrides == [("optim.lr", "0.5"), ("train.epochs", "3")]

@@ -1,0 +1,251 @@
+"""OBA scores against independent dense-Hessian oracles (float64), plus baselines, options and errors."""
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import oba_jax
+from oba_jax import score, softmax_cross_entropy
+from test_graph import AttentionBlock, gated_apply, gated_params, mlp_apply, mlp_params
+
+sg = jax.lax.stop_gradient
+
+
+def _data(seed, shape, classes):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    return jax.random.normal(k1, shape, jnp.float64), jax.random.randint(k2, (shape[0],), 0, classes)
+
+
+def _flat(tree):
+    return np.asarray(jax.flatten_util.ravel_pytree(tree)[0])
+
+
+def _h_minus_g(apply, params, x, y):
+    """θ ⊙ (H − G)θ from dense matrices: H the loss Hessian, G the Gauss–Newton matrix."""
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    logits_of = lambda f: apply(unravel(f), x)
+    H = jax.hessian(lambda f: softmax_cross_entropy(logits_of(f), y))(flat)
+    z = logits_of(flat)
+    J = jax.jacobian(logits_of)(flat).reshape(-1, flat.size)
+    Hz = jax.hessian(lambda zz: softmax_cross_entropy(zz.reshape(z.shape), y))(z.reshape(-1))
+    return np.asarray(flat * ((H - J.T @ Hz @ J) @ flat))
+
+
+def _linearised_oracle(surrogate_logits, params, x, y, mask=None):
+    """θ ⊙ H̃θ with H̃ the dense Hessian of `Σ sg(∂ℓ/∂z)·z̃` for a hand-linearised network."""
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    z0 = surrogate_logits(params, x)
+    gz = jax.grad(softmax_cross_entropy)(z0, y)
+    H = jax.hessian(lambda f: jnp.sum(gz * surrogate_logits(unravel(f), x)))(flat)
+    v = flat if mask is None else flat * mask
+    return np.asarray(v * (H @ v))
+
+
+def _lin(fn, u):
+    """First-order linearisation of an elementwise/any op at the current point."""
+    u0 = sg(u)
+    p, t = jax.jvp(fn, (u0,), (u - u0,))
+    return sg(p) + t
+
+
+def _assert_rel(got, ref, tol):
+    err = np.abs(np.asarray(got) - ref).max() / np.abs(ref).max()
+    assert err < tol, err
+
+
+def test_relu_mlp_equals_h_minus_gauss_newton(x64):
+    params = mlp_params((6, 5, 4, 3))
+    x, y = _data(0, (7, 6), 3)
+    r = score(mlp_apply, params, [(x, y)], dtype=jnp.float64)
+    _assert_rel(_flat(r.sum), _h_minus_g(mlp_apply, params, x, y), 1e-8)
+
+
+def test_relu_cnn_without_bn_equals_h_minus_gauss_newton(x64):
+    k = jax.random.split(jax.random.PRNGKey(1), 6)
+    params = {"c1": {"kernel": 0.4 * jax.random.normal(k[0], (3, 3, 2, 4)), "bias": 0.1 * jax.random.normal(k[1], (4,))},
+              "c2": {"kernel": 0.3 * jax.random.normal(k[2], (3, 3, 4, 5)), "bias": 0.1 * jax.random.normal(k[3], (5,))},
+              "fc": {"kernel": 0.3 * jax.random.normal(k[4], (5, 3)), "bias": 0.1 * jax.random.normal(k[5], (3,))}}
+
+    def cnn(p, x):
+        conv = lambda h, w: jax.lax.conv_general_dilated(h, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        h = jax.nn.relu(conv(x, p["c1"]["kernel"]) + p["c1"]["bias"])
+        h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+        h = jax.nn.relu(conv(h, p["c2"]["kernel"]) + p["c2"]["bias"])
+        return h.mean(axis=(1, 2)) @ p["fc"]["kernel"] + p["fc"]["bias"]
+
+    x, y = _data(2, (4, 6, 6, 2), 3)
+    r = score(cnn, params, [(x, y)], dtype=jnp.float64)
+    _assert_rel(_flat(r.sum), _h_minus_g(cnn, params, x, y), 1e-8)
+
+
+def test_gelu_mlp_matches_linearised_dense_hessian(x64):
+    params = mlp_params((5, 6, 4, 3), seed=3)
+    x, y = _data(4, (6, 5), 3)
+    gelu = lambda u: jax.nn.gelu(u, approximate=False)
+    apply = lambda p, x: mlp_apply(p, x, act=gelu)
+    surrogate = lambda p, x: mlp_apply(p, x, act=lambda u: _lin(gelu, u))
+    r = score(apply, params, [(x, y)], dtype=jnp.float64)
+    _assert_rel(_flat(r.sum), _linearised_oracle(surrogate, params, x, y), 1e-8)
+    # and it is not the full Hessian: fastoba differs
+    full = score(apply, params, [(x, y)], method="fastoba", dtype=jnp.float64)
+    assert np.abs(_flat(full.sum) - _flat(r.sum)).max() > 1e-3 * np.abs(_flat(r.sum)).max()
+
+
+def _attention_params(seed=5, d=4, classes=3):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 6)
+    dense = lambda k, a, b: {"kernel": jax.random.normal(k, (a, b)) / np.sqrt(a), "bias": 0.1 * jax.random.normal(jax.random.fold_in(k, 1), (b,))}
+    return {"q": dense(keys[0], d, d), "k": dense(keys[1], d, d), "v": dense(keys[2], d, d),
+            "out": dense(keys[3], d, d), "head": dense(keys[4], d, classes),
+            "ln": {"scale": 1 + 0.1 * jax.random.normal(keys[5], (d,)), "offset": jnp.full((d,), 0.05)}}
+
+
+def _attention(p, x, lin=lambda f, u: f(u)):
+    def ln(h):
+        def norm(h):
+            m = h.mean(-1, keepdims=True)
+            return (h - m) * jax.lax.rsqrt(((h - m) ** 2).mean(-1, keepdims=True) + 1e-6)
+        return lin(norm, h) * p["ln"]["scale"] + p["ln"]["offset"]
+    dense = lambda h, n: h @ p[n]["kernel"] + p[n]["bias"]
+    a = ln(x)
+    q, k, v = dense(a, "q"), dense(a, "k"), dense(a, "v")
+    s = q @ jnp.swapaxes(k, -1, -2) / 2.0
+    att = lin(lambda s: jax.nn.softmax(s, axis=-1), s)
+    h = x + dense(att @ v, "out")
+    return dense(lin(lambda u: jax.nn.gelu(u, approximate=False), h).mean(axis=1), "head")
+
+
+def test_attention_block_matches_linearised_dense_hessian(x64):
+    params = _attention_params()
+    x, y = _data(6, (3, 5, 4), 3)
+    r = score(_attention, params, [(x, y)], dtype=jnp.float64, parts=True)
+    flat_paths = oba_jax.graph.leaf_paths(params)
+    mask = np.concatenate([np.full(np.size(l), 0.0 if p.startswith("ln/") else 1.0)
+                           for p, l in zip(flat_paths, jax.tree_util.tree_leaves(params))])
+    oracle = _linearised_oracle(lambda p, x: _attention(p, x, lin=_lin), params, x, y, mask)
+    _assert_rel(_flat(r.sum), oracle, 1e-8)
+    assert len(r.graph.parallel) == 2
+    par = _flat(r.parts["parallel"])
+    assert np.abs(par).max() > 1e-3 * np.abs(oracle).max()        # attention products matter
+    _assert_rel(_flat(r.parts["upward"]) + _flat(r.parts["downward"]) + par, oracle, 1e-8)
+
+
+def test_gated_mlp_parallel_part_matches_dense_hessian(x64):
+    params = gated_params(seed=7)
+    x, y = _data(8, (5, 6), 3)
+    silu_lin = lambda u: _lin(jax.nn.silu, u)
+    surrogate = lambda p, x: (silu_lin(x @ p["gate"]["kernel"] + p["gate"]["bias"])
+                              * (x @ p["up"]["kernel"] + p["up"]["bias"])) @ p["down"]["kernel"] + p["down"]["bias"]
+    r = score(gated_apply, params, [(x, y)], dtype=jnp.float64, parts=True)
+    _assert_rel(_flat(r.sum), _linearised_oracle(surrogate, params, x, y), 1e-8)
+    assert np.abs(_flat(r.parts["parallel"])).max() > 0
+
+
+def test_parts_properties_and_deltas(x64):
+    params = mlp_params((6, 5, 4, 3))
+    x, y = _data(0, (7, 6), 3)
+    r = score(mlp_apply, params, [(x, y)], dtype=jnp.float64, parts=True)
+    up, down, total = r.by_path("upward"), r.by_path("downward"), r.by_path("sum")
+    scale = max(np.abs(v).max() for v in total.values())
+    assert np.abs(up["l2/kernel"]).max() < 1e-12 * scale and np.abs(up["l2/bias"]).max() < 1e-12 * scale
+    assert np.abs(down["l0/kernel"]).max() == 0 and np.abs(down["l1/bias"]).max() == 0
+    assert np.abs(down["l1/kernel"]).max() > 1e-3 * scale
+    for path in total:
+        np.testing.assert_allclose(up[path] + down[path] + r.by_path("parallel")[path], total[path], atol=1e-12 * scale)
+    w = score(mlp_apply, params, [(x, y)], dtype=jnp.float64, upward_delta=2.0, downward_delta=0.5)
+    for path, s in w.by_path("sum").items():
+        np.testing.assert_allclose(s, 4 * up[path] + 0.25 * down[path], atol=1e-12 * scale)
+
+
+def test_first_order_has_the_removal_sign(x64):
+    params = mlp_params()
+    x, y = _data(0, (7, 6), 3)
+    base = score(mlp_apply, params, [(x, y)], dtype=jnp.float64)
+    fo = score(mlp_apply, params, [(x, y)], dtype=jnp.float64, first_order=True)
+    taylor = score(mlp_apply, params, [(x, y)], method="taylor", dtype=jnp.float64)
+    np.testing.assert_allclose(_flat(fo.sum) - _flat(base.sum), -_flat(taylor.sum), atol=1e-12)
+
+
+def test_conv_bn_train_scale_invariance_and_running_stats_untouched():
+    class ConvBN(nnx.Module):
+        def __init__(self, rngs):
+            self.c1 = nnx.Conv(3, 6, (3, 3), use_bias=False, rngs=rngs)
+            self.bn = nnx.BatchNorm(6, rngs=rngs)
+            self.c2 = nnx.Conv(6, 4, (3, 3), use_bias=False, rngs=rngs)
+            self.fc = nnx.Linear(4, 3, rngs=rngs)
+
+        def __call__(self, x):
+            h = nnx.relu(self.bn(self.c1(x)))
+            return self.fc(nnx.relu(self.c2(h)).mean(axis=(1, 2)))
+
+    model = ConvBN(nnx.Rngs(0))
+    x, y = _data(9, (8, 6, 6, 3), 3)
+    x = x.astype(jnp.float32)
+    stats_before = [np.array(a) for a in jax.tree_util.tree_leaves(nnx.state(model, nnx.BatchStat))]
+    r = oba_jax.score_model(model, [(x, y)], parts=True)
+    ch = oba_jax.channel_scores(r)
+    assert np.abs(ch["c1"].out).max() < 1e-3 * np.abs(ch["c1"].in_).max() + 1e-3 * np.abs(ch["c2"].in_).max()
+    assert np.abs(ch["c2"].in_).max() > 0
+    down = r.by_path("downward")
+    assert np.abs(down["c2/kernel"]).max() < 1e-3 * np.abs(r.by_path("sum")["c2/kernel"]).max()
+    stats_after = [np.array(a) for a in jax.tree_util.tree_leaves(nnx.state(model, nnx.BatchStat))]
+    assert all(np.array_equal(a, b) for a, b in zip(stats_before, stats_after))
+    # eval mode scores differently (running statistics instead of batch statistics)
+    r_eval = oba_jax.score_model(model, [(x, y)], bn_mode="eval")
+    assert not np.allclose(_flat(r_eval.sum), _flat(r.sum))
+
+
+def test_baselines(x64):
+    params = mlp_params()
+    x, y = _data(0, (7, 6), 3)
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    loss = lambda f: softmax_cross_entropy(mlp_apply(unravel(f), x), y)
+    fast = score(mlp_apply, params, [(x, y)], method="fastoba", dtype=jnp.float64)
+    np.testing.assert_allclose(_flat(fast.sum), flat * (jax.hessian(loss)(flat) @ flat), rtol=1e-9, atol=1e-12)
+    taylor = score(mlp_apply, params, [(x, y)], method="taylor", dtype=jnp.float64)
+    np.testing.assert_allclose(_flat(taylor.sum), flat * jax.grad(loss)(flat), rtol=1e-9, atol=1e-14)
+    mag = score(mlp_apply, params, None, method="magnitude")
+    np.testing.assert_array_equal(_flat(mag.sum), np.abs(np.asarray(flat)))
+    r1, r2, r3 = (score(mlp_apply, params, None, method="random", seed=s) for s in (0, 0, 1))
+    np.testing.assert_array_equal(_flat(r1.sum), _flat(r2.sum))
+    assert not np.array_equal(_flat(r1.sum), _flat(r3.sum))
+
+
+def test_stacked_and_iterable_batches_sum_the_same(x64):
+    params = mlp_params()
+    xs, ys = _data(0, (3 * 4, 6), 3)
+    xs, ys = xs.reshape(3, 4, 6), ys.reshape(3, 4)
+    stacked = score(mlp_apply, params, (xs, ys), dtype=jnp.float64)
+    listed = score(mlp_apply, params, [(xs[i], ys[i]) for i in range(3)], dtype=jnp.float64)
+    single = [score(mlp_apply, params, [(xs[i], ys[i])], dtype=jnp.float64) for i in range(3)]
+    assert stacked.count == listed.count == 3
+    np.testing.assert_allclose(_flat(stacked.sum), _flat(listed.sum), atol=1e-13)
+    np.testing.assert_allclose(_flat(stacked.sum), sum(_flat(s.sum) for s in single), atol=1e-13)
+    np.testing.assert_allclose(_flat(stacked.mean()), _flat(stacked.sum) / 3)
+
+
+def test_bad_inputs():
+    params = mlp_params()
+    x, y = jnp.ones((4, 6)), jnp.array([0, 1, 2, 0])
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        score(mlp_apply, params, [(x, jnp.array([0, 1, 5, 0]))])
+    with pytest.raises(ValueError, match="logits of shape"):
+        score(lambda p, x: mlp_apply(p, x)[:, :, None], params, [(x, y)])
+    with pytest.raises(ValueError, match="logits of shape"):
+        score(mlp_apply, params, [(x, y[:3])])
+    bad = jax.tree_util.tree_map(lambda a: a, params)
+    bad["l1"]["kernel"] = bad["l1"]["kernel"].at[0, 0].set(jnp.nan)
+    with pytest.raises(FloatingPointError, match="l1/kernel"):
+        score(mlp_apply, bad, [(x, y)])
+    with pytest.raises(ValueError, match="unknown method"):
+        score(mlp_apply, params, [(x, y)], method="obd")
+    with pytest.raises(ValueError, match="empty"):
+        score(mlp_apply, params, [])
+    with pytest.raises(TypeError, match="integer"):
+        score(mlp_apply, params, [(x, y.astype(jnp.float32))])
+    with pytest.raises(ValueError, match="exclude names no parameter"):
+        score(mlp_apply, params, [(x, y)], exclude=["nope"])
+    if not jax.config.jax_enable_x64:
+        with pytest.raises(ValueError, match="jax_enable_x64"):
+            score(mlp_apply, params, [(x, y)], dtype=jnp.float64)
