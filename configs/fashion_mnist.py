@@ -11,7 +11,7 @@ def get_config():
     config.model.family = "vgg"
     # Three bias-free conv3x3+BN+ReLU stages on 28x28x1, GAP, one Dense: ~43 k parameters, small
     # because XLA's CPU conv weight-gradient is slow (DESIGN.md) and the demo must stay short.
-    config.model.spec.cfg = (32, "M", 64, "M", 128)
+    config.model.spec.cfg = (16, "M", 32, "M", 128)
     config.model.spec.in_channels = 1
     config.model.spec.image_size = 28
     config.model.spec.num_classes = 10
@@ -24,7 +24,7 @@ def get_config():
     config.optim.weight_decay = 5e-4
     config.optim.schedule = "cosine"
 
-    config.train.epochs = 3
+    config.train.epochs = 5
     config.train.batch_size = 128
     config.train.eval_batch_size = 1000
     config.train.log_every_steps = 50

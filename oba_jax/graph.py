@@ -389,7 +389,6 @@ class _Analysis:
         path = self.paths[leaf]
         kind = "dense" if eqn.primitive.name == "dot_general" else "conv"
         w_ndim = len(eqn.invars[w_pos].aval.shape)
-        out_ndim = len(eqn.outvars[0].aval.shape)
         groups = 1
         if kind == "dense":
             (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
@@ -410,17 +409,15 @@ class _Analysis:
             in_view, out_view = (rhs_spec[1],), (rhs_spec[0],)
             out_act_axes = (out_spec[1],)
             groups = int(eqn.params.get("feature_group_count", 1))
-            del out_ndim
         to_leaf = lambda ax: None if axes is None or any(axes[a] < 0 for a in ax) else tuple(axes[a] for a in ax)
         name = path[: -len("/kernel")] if path.endswith("/kernel") else path
-        fields = self.layers.setdefault(path, {
+        self.layers.setdefault(path, {
             "name": name, "weight": path, "weight_index": leaf, "bias": None, "bias_index": None,
             "kind": kind, "in_axes": to_leaf(in_view), "out_axes": to_leaf(out_view), "groups": groups,
         })
         self.layer_of_eqn[key] = path
         self.weight_position[key] = w_pos
         self.weight_chain[key] = chain
-        del fields
         return _Info(layer_out=path, layer_out_axes=out_act_axes)
 
     def _maybe_bias(self, eqn: jcore.JaxprEqn, ins: list[_Info], key: tuple[int, ...]) -> _Info:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
+from oba_jax.fastconv import bind_conv_eqn, eqn_supported, use_fast_conv
 from oba_jax.graph import Role, _Analysis, _open, _sub_jaxpr
 
 __all__ = ["evaluate"]
@@ -76,7 +77,6 @@ class _Evaluator:
 
     def run(self, jaxpr: jcore.Jaxpr, consts: list[Any], args: list[Any], ctx: tuple[int, ...]) -> list[Any]:
         env: dict[Any, Any] = {}
-        dep: dict[Any, bool] = {}
         for v, c in zip(jaxpr.constvars, consts):
             env[v] = c
         for v, x in zip(jaxpr.invars, args):
@@ -90,7 +90,7 @@ class _Evaluator:
                 sub_jaxpr, sub_consts = _open(_sub_jaxpr(eqn))
                 outs = self.run(sub_jaxpr, sub_consts, ins[len(ins) - len(sub_jaxpr.invars):], key)
             elif role is Role.NONLINEAR:
-                outs = _linearised(eqn, ins, self._deps(eqn, key))
+                outs = _linearised(eqn, ins, self.a.nonlinear_deps[key])
             elif role is Role.PARALLEL and self.linearise_parallel:
                 outs = _series_product(eqn, ins)
             elif role is Role.LAYER:
@@ -99,16 +99,14 @@ class _Evaluator:
                 outs = _bind(eqn, ins)
             for v, x in zip(eqn.outvars, outs):
                 env[v] = x
-        del dep
         return [read(v) for v in jaxpr.outvars]
-
-    def _deps(self, eqn: jcore.JaxprEqn, key: tuple[int, ...]) -> list[bool]:
-        return self.a.nonlinear_deps[key]
 
     def _layer(self, eqn: jcore.JaxprEqn, ins: list[Any], key: tuple[int, ...]) -> list[Any]:
         path = self.a.layer_of_eqn[key]
         w_pos = self.a.weight_position[key]
-        out = _bind(eqn, ins)
+        # CPU: convolutions whose kernel gradient is matmuls (XLA:CPU's native one is slow).
+        bind = bind_conv_eqn if use_fast_conv() and eqn_supported(eqn) else _bind
+        out = bind(eqn, ins)
         call = self.layer_calls.get(path, 0)
         self.layer_calls[path] = call + 1
         if self.record_inputs is not None:
@@ -121,7 +119,7 @@ class _Evaluator:
             probe_args = list(ins)
             probe_args[1 - w_pos] = tangent
             probe_args[w_pos] = w_view
-            out = [out[0] + _bind(eqn, probe_args)[0]]
+            out = [out[0] + bind(eqn, probe_args)[0]]
         return out
 
 

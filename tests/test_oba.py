@@ -8,7 +8,7 @@ from flax import nnx
 
 import oba_jax
 from oba_jax import score, softmax_cross_entropy
-from test_graph import AttentionBlock, gated_apply, gated_params, mlp_apply, mlp_params
+from test_graph import gated_apply, gated_params, mlp_apply, mlp_params
 
 sg = jax.lax.stop_gradient
 
