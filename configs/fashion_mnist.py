@@ -17,14 +17,14 @@ def get_config():
     config.model.spec.num_classes = 10
 
     config.data.name = "fashion_mnist"
-    config.data.augment = False  # 4 epochs are too few for crop/flip to pay off
+    config.data.augment = False  # a few epochs are too few for crop/flip to pay off
     config.data.synthetic.image_shape = (28, 28, 1)
 
     config.optim.lr = 0.1
-    config.optim.weight_decay = 5e-4
+    config.optim.weight_decay = 1e-4
     config.optim.schedule = "cosine"
 
-    config.train.epochs = 5
+    config.train.epochs = 6
     config.train.batch_size = 128
     config.train.eval_batch_size = 1000
     config.train.log_every_steps = 50

@@ -1,0 +1,194 @@
+"""Time per batch of the importance scores against a plain gradient of the loss, in one process.
+
+For each model: the jitted per-batch function of every method is compiled and run once (warm-up,
+compile time excluded), then timed `--repeats` times with `block_until_ready`; the median is reported
+with its ratio to the plain gradient `jax.grad(loss)` of the same model, measured here too.
+
+Rows:
+  grad          jax.grad of the cross-entropy through the model (native XLA convolutions)
+  grad+fastconv the same with every nnx.Conv using `oba_jax.fastconv` (what a CPU gradient could cost)
+  taylor        `score(..., "taylor")`'s per-batch function (θ ⊙ ∂L/∂θ, jaxpr replayed natively)
+  fastoba       `score(..., "fastoba")`'s per-batch function (θ ⊙ Hθ, full HVP, native convolutions)
+  oba           `score(..., "oba")`'s per-batch function, fast conv on (the CPU default)
+  oba-nativeconv the same with OBA_JAX_FAST_CONV=0
+
+Memory: `temp MB` is XLA's buffer assignment for the compiled function (`memory_analysis()`:
+temporaries, excluding arguments/outputs); `RSS+ MB` is the growth of the process's peak resident
+set (`resource.getrusage` ru_maxrss) while compiling and running that row (0 when an earlier row
+already reached a higher peak).
+
+    python bench/score_speed.py                      # all three models, 3 repeats
+    python bench/score_speed.py --models resnet32 --batch 32 --repeats 5
+    python bench/score_speed.py --quick               # tiny smoke run (used by tests)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import models  # noqa: E402
+from oba_jax import fastconv  # noqa: E402
+from oba_jax import hessian  # noqa: E402
+from oba_jax.graph import _check_param_leaves, analyse, leaf_paths, trace_program  # noqa: E402
+
+# The released implementation's cost (OBA_SPEC.md §10: 2-core CPU, torch CPU): fwd+bwd, OBA.
+AUTHORS = {"resnet32": (9.98, 193.1, 128), "vgg19": (1.55, 13.7, 64)}
+
+MODELS = {
+    "resnet32": (lambda: models.make_spec("resnet_cifar", depth=32, width_multiplier=4), 128),
+    "vgg19": (lambda: models.make_spec("vgg", cfg_name="vgg19"), 64),
+    "vit": (lambda: models.make_spec("vit", config_name="vit_small_cifar"), 64),
+}
+QUICK = {
+    "resnet8": (lambda: models.make_spec("resnet_cifar", depth=8, width_multiplier=1), 4),
+}
+ROWS = ("grad", "grad+fastconv", "taylor", "fastoba", "oba", "oba-nativeconv")
+
+
+def _max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _split(spec, fast_conv_modules: bool = False):
+    model = models.build_model(spec, rngs=nnx.Rngs(0))
+    if fast_conv_modules:
+        for _, m in nnx.iter_modules(model):
+            if isinstance(m, nnx.Conv):
+                m.conv_general_dilated = fastconv.conv_general_dilated_fast
+    model.train()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    apply = lambda p, x: nnx.merge(graphdef, p["params"], p["rest"])(x)
+    return apply, {"params": params, "rest": rest}
+
+
+def _grad_fn(apply):
+    def f(p, x, y):
+        return jax.grad(lambda q: hessian.softmax_cross_entropy(apply(q, x), y))(p)
+    return jax.jit(f)
+
+
+def _score_fn(method: str, apply, params, x, fast_conv: bool):
+    """The jitted per-batch function `score(apply, params, ..., method)` scans over batches."""
+    os.environ["OBA_JAX_FAST_CONV"] = "1" if fast_conv else "0"  # read while tracing
+    leaves = _check_param_leaves(params)
+    program = trace_program(apply, params, x)
+    analysis = analyse(program, leaf_paths(params)) if method == "oba" else None
+    float_idx = tuple(i for i, a in enumerate(leaves) if jnp.issubdtype(a.dtype, jnp.inexact))
+    theta_idx = tuple(sorted(analysis.theta)) if analysis is not None else float_idx
+    setup = hessian._Setup(analysis=analysis, theta_idx=theta_idx, float_idx=float_idx,
+                           loss=hessian.softmax_cross_entropy, parts=False, first_order=False,
+                           deltas=(1.0, 1.0, 1.0))
+    batch_fn = hessian._batch_function(method, setup, program)
+    fn = jax.jit(lambda flat, x, y: batch_fn(flat, [x], y))
+    return fn, leaves
+
+
+def _time(fn, args, repeats: int, warmup: bool = True) -> tuple[float, float, float]:
+    rss0 = _max_rss_mb()
+    compiled = fn.lower(*args).compile()
+    try:
+        temp_mb = compiled.memory_analysis().temp_size_in_bytes / 2**20
+    except Exception:  # memory_analysis is not available on every backend
+        temp_mb = float("nan")
+    if warmup:  # compile time is already excluded (ahead-of-time compile above)
+        jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), temp_mb, max(_max_rss_mb() - rss0, 0.0)
+
+
+def bench_model(name: str, make_spec, batch: int, repeats: int, rows, warmup: bool = True) -> list[dict]:
+    spec = make_spec()
+    h, w, c = models.input_shape(spec)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(batch, h, w, c)), jnp.float32)
+    apply, params = _split(spec)
+    y = jnp.asarray(rng.integers(0, apply(params, x[:1]).shape[-1], size=batch), jnp.int32)
+    results = []
+    saved = os.environ.get("OBA_JAX_FAST_CONV")
+    try:
+        with jax.default_matmul_precision("highest"):
+            for row in rows:
+                if row in ("grad", "grad+fastconv"):
+                    a, p = _split(spec, fast_conv_modules=row == "grad+fastconv")
+                    fn, args = _grad_fn(a), (p, x, y)
+                else:
+                    method = "oba" if row.startswith("oba") else row
+                    fn, leaves = _score_fn(method, apply, params, x, fast_conv=row != "oba-nativeconv")
+                    args = (leaves, x, y)
+                t, temp_mb, rss_mb = _time(fn, args, repeats, warmup)
+                results.append(dict(model=name, batch=batch, row=row, seconds=t, temp_mb=temp_mb, rss_mb=rss_mb))
+                print(f"  [{name} b{batch}] {row}: {t:.3f} s", file=sys.stderr, flush=True)
+    finally:
+        if saved is None:
+            os.environ.pop("OBA_JAX_FAST_CONV", None)
+        else:
+            os.environ["OBA_JAX_FAST_CONV"] = saved
+    return results
+
+
+def print_table(results: list[dict]) -> None:
+    print("| model, batch | method | s / batch | × grad | × grad+fastconv | temp MB | RSS+ MB |")
+    print("|---|---|---|---|---|---|---|")
+    by_model: dict[tuple, dict] = {}
+    for r in results:
+        by_model.setdefault((r["model"], r["batch"]), {})[r["row"]] = r
+    for (name, batch), rows in by_model.items():
+        g = rows.get("grad", {}).get("seconds")
+        gf = rows.get("grad+fastconv", {}).get("seconds")
+        for row, r in rows.items():
+            ratio = f"{r['seconds'] / g:.2f}" if g else "–"
+            ratio_f = f"{r['seconds'] / gf:.2f}" if gf else "–"
+            print(f"| {name}, {batch} | {row} | {r['seconds']:.3f} | {ratio} | {ratio_f} | "
+                  f"{r['temp_mb']:.0f} | {r['rss_mb']:.0f} |")
+        if name in AUTHORS and AUTHORS[name][2] == batch:
+            fb, oba, _ = AUTHORS[name]
+            print(f"| {name}, {batch} | authors (torch, §10): fwd+bwd / OBA | {fb} / {oba} | {oba / fb:.1f} | – | – | – |")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=None, help=f"comma-separated subset of {sorted(MODELS)}")
+    ap.add_argument("--batch", type=int, default=None, help="batch size for every model (default: per model)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {ROWS}")
+    ap.add_argument("--no-warmup", action="store_true",
+                    help="skip the untimed run after the ahead-of-time compile (saves time on big models)")
+    ap.add_argument("--quick", action="store_true", help="tiny models, batch 4, 1 repeat (smoke test)")
+    args = ap.parse_args(argv)
+
+    table = QUICK if args.quick else MODELS
+    names = args.models.split(",") if args.models else list(table)
+    repeats = 1 if args.quick else args.repeats
+    rows = [r for r in args.rows.split(",") if r]
+    bad = [r for r in rows if r not in ROWS] + [n for n in names if n not in table]
+    if bad:
+        ap.error(f"unknown rows/models: {bad}")
+    print(f"# jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPU cores, "
+          f"{platform.processor() or platform.machine()}; median of {repeats} runs"
+          f"{'' if args.no_warmup else ' after one warm-up run'} (compile excluded); "
+          f"float32, matmul precision 'highest'")
+    results = []
+    for n in names:
+        make_spec, default_batch = table[n]
+        results += bench_model(n, make_spec, args.batch or default_batch, repeats, rows, not args.no_warmup)
+    print_table(results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""The fast CPU convolution computes the same function as `lax.conv_general_dilated`.
+
+Value, gradient in both operands and forward-over-reverse HVPs are compared in float64 against the
+native convolution; the OBA scores of a small conv net must not depend on which one is used.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from oba_jax import fastconv
+from oba_jax.fastconv import conv_general_dilated_fast, use_fast_conv
+
+jax.config.update("jax_enable_x64", True)
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+# (kernel, stride, padding, image (h, w), in, out, rhs dilation)
+CASES = [
+    (1, 2, "SAME", (7, 6), 3, 4, 1),
+    (3, 1, "SAME", (7, 5), 3, 4, 1),
+    (3, 2, "SAME", (8, 7), 2, 3, 1),
+    (3, 2, ((1, 0), (0, 2)), (9, 6), 2, 3, 1),
+    (3, 1, "VALID", (6, 9), 2, 2, 2),
+    (7, 2, ((3, 3), (2, 1)), (15, 13), 2, 3, 1),
+]
+
+
+def _loss(conv, kw):
+    """A loss with curvature in the conv's output, so HVPs mix the conv's own (bilinear) second
+    derivative with the chain-rule terms."""
+    return lambda x, w: jnp.sum(jnp.sin(conv(x, w, **kw)))
+
+
+def _max_err(a, b):
+    return max(float(jnp.max(jnp.abs(p - q))) for p, q in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def _all_derivatives(loss):
+    """Value, gradient and two HVPs (both operands moving / only the kernel), in one jit."""
+    @jax.jit
+    def run(x, w, tx, tw):
+        grad = jax.grad(loss, (0, 1))
+        hvps = [jax.jvp(grad, (x, w), t)[1] for t in [(tx, tw), (jnp.zeros_like(x), tw)]]
+        return loss(x, w), grad(x, w), hvps
+    return run
+
+
+@pytest.mark.parametrize("k,stride,padding,hw,cin,cout,dil", CASES)
+def test_value_grad_hvp_match_native(k, stride, padding, hw, cin, cout, dil):
+    rng = np.random.default_rng(k * 100 + stride)
+    x = jnp.asarray(rng.normal(size=(2, *hw, cin)))
+    w = jnp.asarray(rng.normal(size=(k, k, cin, cout)) / k)
+    tx, tw = jnp.asarray(rng.normal(size=x.shape)), jnp.asarray(rng.normal(size=w.shape))
+    kw = dict(window_strides=(stride, stride), padding=padding, rhs_dilation=(dil, dil), dimension_numbers=NHWC)
+
+    np.testing.assert_allclose(conv_general_dilated_fast(x, w, **kw), lax.conv_general_dilated(x, w, **kw),
+                               rtol=1e-12, atol=1e-12)
+    fast = _all_derivatives(_loss(conv_general_dilated_fast, kw))(x, w, tx, tw)
+    native = _all_derivatives(_loss(lax.conv_general_dilated, kw))(x, w, tx, tw)
+    for a, b in zip(fast, native):  # value, gradient, HVPs
+        scale = 1 + _max_err(b, jax.tree_util.tree_map(jnp.zeros_like, b))
+        assert _max_err(a, b) < 1e-10 * scale
+
+
+def test_kernel_only_grad_and_jit():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 6, 5, 4)))
+    w = jnp.asarray(rng.normal(size=(3, 3, 4, 2)))
+    kw = dict(window_strides=(2, 1), padding="SAME", dimension_numbers=NHWC)
+    f = lambda conv: jax.jit(jax.grad(lambda w: jnp.sum(conv(x, w, **kw) ** 3)))
+    np.testing.assert_allclose(f(conv_general_dilated_fast)(w), f(lax.conv_general_dilated)(w), rtol=1e-10, atol=1e-10)
+
+
+def test_other_layouts_and_fallbacks():
+    rng = np.random.default_rng(1)
+    # NCHW / OIHW layout goes through the fast path with transposes.
+    x = jnp.asarray(rng.normal(size=(2, 3, 7, 6)))
+    w = jnp.asarray(rng.normal(size=(4, 3, 3, 3)))
+    kw = dict(window_strides=(2, 2), padding="SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))
+    loss = lambda conv: (lambda x, w: jnp.sum(jnp.sin(conv(x, w, **kw))))
+    for order in ["value", "hvp"]:
+        if order == "value":
+            a, b = loss(conv_general_dilated_fast)(x, w), loss(lax.conv_general_dilated)(x, w)
+        else:
+            a, b = (jax.jvp(jax.grad(loss(c), (0, 1)), (x, w), (x, w))[1]
+                    for c in (conv_general_dilated_fast, lax.conv_general_dilated))
+        assert _max_err(a, b) < 1e-9
+    # Grouped convolutions and input dilation fall back to the native conv (same result).
+    xg = jnp.asarray(rng.normal(size=(2, 6, 6, 4)))
+    wg = jnp.asarray(rng.normal(size=(3, 3, 2, 4)))
+    kwg = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=NHWC, feature_group_count=2)
+    assert not fastconv.is_supported(xg.shape, wg.shape, feature_group_count=2)
+    np.testing.assert_array_equal(conv_general_dilated_fast(xg, wg, **kwg), lax.conv_general_dilated(xg, wg, **kwg))
+    assert not fastconv.is_supported(xg.shape, wg.shape, lhs_dilation=(2, 2))
+
+
+def test_use_fast_conv_env(monkeypatch):
+    monkeypatch.setenv("OBA_JAX_FAST_CONV", "0")
+    assert use_fast_conv() is False
+    monkeypatch.setenv("OBA_JAX_FAST_CONV", "1")
+    assert use_fast_conv() is True
+    monkeypatch.delenv("OBA_JAX_FAST_CONV")
+    assert use_fast_conv() is (jax.default_backend() == "cpu")
+
+
+def test_oba_scores_do_not_depend_on_the_conv(monkeypatch):
+    from flax import nnx
+
+    from oba_jax.hessian import score
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.c1 = nnx.Conv(3, 4, (3, 3), rngs=rngs)
+            self.bn = nnx.BatchNorm(4, rngs=rngs)
+            self.c2 = nnx.Conv(4, 5, (3, 3), strides=(2, 2), rngs=rngs)
+            self.fc = nnx.Linear(5, 3, rngs=rngs)
+
+        def __call__(self, x):
+            x = nnx.relu(self.bn(self.c1(x)))
+            x = nnx.relu(self.c2(x))
+            return self.fc(x.mean(axis=(1, 2)))
+
+    model = Net(nnx.Rngs(0))
+    model.train()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    apply = lambda p, x: nnx.merge(graphdef, p["params"], p["rest"])(x)
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(4, 6, 6, 3)), jnp.float32)
+    y = jnp.asarray([0, 1, 2, 1])
+    results = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("OBA_JAX_FAST_CONV", flag)
+        r = score(apply, {"params": params, "rest": rest}, [(x, y)], "oba", parts=True, dtype=jnp.float64)
+        results[flag] = [r.sum, *r.parts.values()]
+    assert _max_err(results["0"], results["1"]) < 1e-10 * (1 + _max_err(results["0"], jax.tree_util.tree_map(jnp.zeros_like, results["0"])))
+
+
+def test_eval_jaxpr_replays_with_fast_conv():
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, 6, 5, 3)))
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)))
+    f = lambda x, w: jnp.tanh(jax.jit(lambda a, b: lax.conv_general_dilated(a, b, (2, 2), "SAME",
+                                                                           dimension_numbers=NHWC))(x, w))
+    closed = jax.make_jaxpr(f)(x, w)
+    loss = lambda ev: (lambda w: jnp.sum(ev(closed.jaxpr, closed.consts, x, w)[0] ** 2))
+    a = jax.jvp(jax.grad(loss(fastconv.eval_jaxpr)), (w,), (w,))
+    b = jax.jvp(jax.grad(loss(jax.core.eval_jaxpr)), (w,), (w,))
+    assert _max_err(a, b) < 1e-10
