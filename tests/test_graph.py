@@ -8,14 +8,15 @@ from flax import nnx
 import oba_jax
 
 
-def _dense(key, n_in, n_out):
-    k1, k2 = jax.random.split(key)
-    return {"kernel": jax.random.normal(k1, (n_in, n_out)) / np.sqrt(n_in), "bias": 0.1 * jax.random.normal(k2, (n_out,))}
+# Test data comes from numpy: on XLA:CPU compiling jax.random's samplers costs seconds per shape.
+def _dense(rng, n_in, n_out):
+    return {"kernel": jnp.asarray(rng.normal(size=(n_in, n_out)) / np.sqrt(n_in)),
+            "bias": jnp.asarray(0.1 * rng.normal(size=(n_out,)))}
 
 
 def mlp_params(sizes=(6, 5, 4, 3), seed=0):
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(sizes) - 1)
-    return {f"l{i}": _dense(k, a, b) for i, (k, a, b) in enumerate(zip(keys, sizes[:-1], sizes[1:]))}
+    rng = np.random.default_rng(seed)
+    return {f"l{i}": _dense(rng, a, b) for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))}
 
 
 def mlp_apply(p, x, act=jax.nn.relu):
@@ -64,7 +65,7 @@ class AttentionBlock(nnx.Module):
 
     def __init__(self, rngs, d=8, heads=2, tokens=5):
         self.heads = heads
-        self.pos = nnx.Param(0.02 * jax.random.normal(jax.random.PRNGKey(3), (1, tokens, d)))
+        self.pos = nnx.Param(jnp.asarray(0.02 * np.random.default_rng(3).normal(size=(1, tokens, d)), jnp.float32))
         self.ln = nnx.LayerNorm(d, rngs=rngs)
         self.q = nnx.Linear(d, d, rngs=rngs)
         self.k = nnx.Linear(d, d, rngs=rngs)
@@ -85,8 +86,8 @@ class AttentionBlock(nnx.Module):
 
 
 def gated_params(seed=0, d=6, hidden=7, classes=3):
-    k = jax.random.split(jax.random.PRNGKey(seed), 3)
-    return {"gate": _dense(k[0], d, hidden), "up": _dense(k[1], d, hidden), "down": _dense(k[2], hidden, classes)}
+    rng = np.random.default_rng(seed)
+    return {"gate": _dense(rng, d, hidden), "up": _dense(rng, d, hidden), "down": _dense(rng, hidden, classes)}
 
 
 def gated_apply(p, x):

@@ -13,9 +13,9 @@ from test_graph import gated_apply, gated_params, mlp_apply, mlp_params
 sg = jax.lax.stop_gradient
 
 
-def _data(seed, shape, classes):
-    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
-    return jax.random.normal(k1, shape, jnp.float64), jax.random.randint(k2, (shape[0],), 0, classes)
+def _data(seed, shape, classes, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(rng.normal(size=shape).astype(dtype)), jnp.asarray(rng.integers(0, classes, shape[0]))
 
 
 def _flat(tree):
@@ -25,22 +25,29 @@ def _flat(tree):
 def _h_minus_g(apply, params, x, y):
     """θ ⊙ (H − G)θ from dense matrices: H the loss Hessian, G the Gauss–Newton matrix."""
     flat, unravel = jax.flatten_util.ravel_pytree(params)
-    logits_of = lambda f: apply(unravel(f), x)
-    H = jax.hessian(lambda f: softmax_cross_entropy(logits_of(f), y))(flat)
-    z = logits_of(flat)
-    J = jax.jacobian(logits_of)(flat).reshape(-1, flat.size)
-    Hz = jax.hessian(lambda zz: softmax_cross_entropy(zz.reshape(z.shape), y))(z.reshape(-1))
-    return np.asarray(flat * ((H - J.T @ Hz @ J) @ flat))
+
+    @jax.jit  # one compilation instead of op-by-op dispatch of the dense matrices
+    def oracle(flat):
+        logits_of = lambda f: apply(unravel(f), x)
+        H = jax.hessian(lambda f: softmax_cross_entropy(logits_of(f), y))(flat)
+        z = logits_of(flat)
+        J = jax.jacobian(logits_of)(flat).reshape(-1, flat.size)
+        Hz = jax.hessian(lambda zz: softmax_cross_entropy(zz.reshape(z.shape), y))(z.reshape(-1))
+        return flat * ((H - J.T @ Hz @ J) @ flat)
+    return np.asarray(oracle(flat))
 
 
 def _linearised_oracle(surrogate_logits, params, x, y, mask=None):
     """θ ⊙ H̃θ with H̃ the dense Hessian of `Σ sg(∂ℓ/∂z)·z̃` for a hand-linearised network."""
     flat, unravel = jax.flatten_util.ravel_pytree(params)
-    z0 = surrogate_logits(params, x)
-    gz = jax.grad(softmax_cross_entropy)(z0, y)
-    H = jax.hessian(lambda f: jnp.sum(gz * surrogate_logits(unravel(f), x)))(flat)
-    v = flat if mask is None else flat * mask
-    return np.asarray(v * (H @ v))
+
+    @jax.jit
+    def oracle(flat):
+        gz = jax.grad(softmax_cross_entropy)(surrogate_logits(unravel(flat), x), y)
+        H = jax.hessian(lambda f: jnp.sum(gz * surrogate_logits(unravel(f), x)))(flat)
+        v = flat if mask is None else flat * mask
+        return v * (H @ v)
+    return np.asarray(oracle(flat))
 
 
 def _lin(fn, u):
@@ -63,10 +70,11 @@ def test_relu_mlp_equals_h_minus_gauss_newton(x64):
 
 
 def test_relu_cnn_without_bn_equals_h_minus_gauss_newton(x64):
-    k = jax.random.split(jax.random.PRNGKey(1), 6)
-    params = {"c1": {"kernel": 0.4 * jax.random.normal(k[0], (3, 3, 2, 4)), "bias": 0.1 * jax.random.normal(k[1], (4,))},
-              "c2": {"kernel": 0.3 * jax.random.normal(k[2], (3, 3, 4, 5)), "bias": 0.1 * jax.random.normal(k[3], (5,))},
-              "fc": {"kernel": 0.3 * jax.random.normal(k[4], (5, 3)), "bias": 0.1 * jax.random.normal(k[5], (3,))}}
+    rng = np.random.default_rng(1)
+    n = lambda scale, *shape: jnp.asarray(scale * rng.normal(size=shape))
+    params = {"c1": {"kernel": n(0.4, 3, 3, 2, 4), "bias": n(0.1, 4)},
+              "c2": {"kernel": n(0.3, 3, 3, 4, 5), "bias": n(0.1, 5)},
+              "fc": {"kernel": n(0.3, 5, 3), "bias": n(0.1, 3)}}
 
     def cnn(p, x):
         conv = lambda h, w: jax.lax.conv_general_dilated(h, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -94,11 +102,10 @@ def test_gelu_mlp_matches_linearised_dense_hessian(x64):
 
 
 def _attention_params(seed=5, d=4, classes=3):
-    keys = jax.random.split(jax.random.PRNGKey(seed), 6)
-    dense = lambda k, a, b: {"kernel": jax.random.normal(k, (a, b)) / np.sqrt(a), "bias": 0.1 * jax.random.normal(jax.random.fold_in(k, 1), (b,))}
-    return {"q": dense(keys[0], d, d), "k": dense(keys[1], d, d), "v": dense(keys[2], d, d),
-            "out": dense(keys[3], d, d), "head": dense(keys[4], d, classes),
-            "ln": {"scale": 1 + 0.1 * jax.random.normal(keys[5], (d,)), "offset": jnp.full((d,), 0.05)}}
+    rng = np.random.default_rng(seed)
+    dense = lambda a, b: {"kernel": jnp.asarray(rng.normal(size=(a, b)) / np.sqrt(a)), "bias": jnp.asarray(0.1 * rng.normal(size=b))}
+    return {"q": dense(d, d), "k": dense(d, d), "v": dense(d, d), "out": dense(d, d), "head": dense(d, classes),
+            "ln": {"scale": jnp.asarray(1 + 0.1 * rng.normal(size=d)), "offset": jnp.full((d,), 0.05)}}
 
 
 def _attention(p, x, lin=lambda f, u: f(u)):
@@ -180,8 +187,7 @@ def test_conv_bn_train_scale_invariance_and_running_stats_untouched():
             return self.fc(nnx.relu(self.c2(h)).mean(axis=(1, 2)))
 
     model = ConvBN(nnx.Rngs(0))
-    x, y = _data(9, (8, 6, 6, 3), 3)
-    x = x.astype(jnp.float32)
+    x, y = _data(9, (8, 6, 6, 3), 3, dtype=np.float32)
     stats_before = [np.array(a) for a in jax.tree_util.tree_leaves(nnx.state(model, nnx.BatchStat))]
     r = oba_jax.score_model(model, [(x, y)], parts=True)
     ch = oba_jax.channel_scores(r)
@@ -202,9 +208,9 @@ def test_baselines(x64):
     flat, unravel = jax.flatten_util.ravel_pytree(params)
     loss = lambda f: softmax_cross_entropy(mlp_apply(unravel(f), x), y)
     fast = score(mlp_apply, params, [(x, y)], method="fastoba", dtype=jnp.float64)
-    np.testing.assert_allclose(_flat(fast.sum), flat * (jax.hessian(loss)(flat) @ flat), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(_flat(fast.sum), flat * (jax.jit(jax.hessian(loss))(flat) @ flat), rtol=1e-9, atol=1e-12)
     taylor = score(mlp_apply, params, [(x, y)], method="taylor", dtype=jnp.float64)
-    np.testing.assert_allclose(_flat(taylor.sum), flat * jax.grad(loss)(flat), rtol=1e-9, atol=1e-14)
+    np.testing.assert_allclose(_flat(taylor.sum), flat * jax.jit(jax.grad(loss))(flat), rtol=1e-9, atol=1e-14)
     mag = score(mlp_apply, params, None, method="magnitude")
     np.testing.assert_array_equal(_flat(mag.sum), np.abs(np.asarray(flat)))
     r1, r2, r3 = (score(mlp_apply, params, None, method="random", seed=s) for s in (0, 0, 1))
