@@ -12,7 +12,13 @@ from jax import lax
 from oba_jax import fastconv
 from oba_jax.fastconv import conv_general_dilated_fast, use_fast_conv
 
-jax.config.update("jax_enable_x64", True)
+
+
+@pytest.fixture(autouse=True)
+def _float64(x64):
+    """Every test here compares in float64; the fixture restores the global flag afterwards so other
+    test files in the same worker keep float32 defaults."""
+    yield
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 # (kernel, stride, padding, image (h, w), in, out, rhs dilation)
