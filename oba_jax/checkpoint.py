@@ -15,6 +15,7 @@ files readable and independent of how NNX/optax register their pytrees.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any, Mapping
@@ -131,8 +132,9 @@ def _resolve(path: str) -> tuple[str, int | None]:
     return path, None
 
 
-def read_meta(path: str, step: int | None = None) -> dict:
-    """The JSON metadata (spec, config, data position, step) of the latest (or given) checkpoint."""
+@contextlib.contextmanager
+def _open_read_only(path: str, step: int | None):
+    """Yields ``(manager, directory, step, meta)`` for the latest (or given) checkpoint under ``path``."""
     directory, found_step = _resolve(path)
     step = found_step if step is None else step
     with ocp.CheckpointManager(directory, item_names=("model", "train", "meta"),
@@ -140,7 +142,14 @@ def read_meta(path: str, step: int | None = None) -> dict:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {directory}")
-        return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        yield manager, directory, step, meta
+
+
+def read_meta(path: str, step: int | None = None) -> dict:
+    """The JSON metadata (spec, config, data position, step) of the latest (or given) checkpoint."""
+    with _open_read_only(path, step) as (_, _, _, meta):
+        return meta
 
 
 def restore_model(path: str, step: int | None = None):
@@ -152,14 +161,7 @@ def restore_model(path: str, step: int | None = None):
     from flax import nnx
     from models import build_model, spec_from_dict
 
-    directory, found_step = _resolve(path)
-    step = found_step if step is None else step
-    with ocp.CheckpointManager(directory, item_names=("model", "train", "meta"),
-                               options=ocp.CheckpointManagerOptions(read_only=True, create=False)) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {directory}")
-        meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    with _open_read_only(path, step) as (manager, directory, step, meta):
         if not meta.get("spec"):
             raise ValueError(f"checkpoint {directory}/{step} stores no architecture spec")
         spec = spec_from_dict(meta["spec"])
