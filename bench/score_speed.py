@@ -7,10 +7,13 @@ with its ratio to the plain gradient `jax.grad(loss)` of the same model, measure
 Rows:
   grad          jax.grad of the cross-entropy through the model (native XLA convolutions)
   grad+fastconv the same with every nnx.Conv using `oba_jax.fastconv` (what a CPU gradient could cost)
-  taylor        `score(..., "taylor")`'s per-batch function (θ ⊙ ∂L/∂θ, jaxpr replayed natively)
-  fastoba       `score(..., "fastoba")`'s per-batch function (θ ⊙ Hθ, full HVP, native convolutions)
-  oba           `score(..., "oba")`'s per-batch function, fast conv on (the CPU default)
-  oba-nativeconv the same with OBA_JAX_FAST_CONV=0
+  taylor        `score(..., "taylor")`'s per-batch function (θ ⊙ ∂L/∂θ, the traced program replayed)
+  fastoba       `score(..., "fastoba")`'s per-batch function (θ ⊙ Hθ, full HVP)
+  oba           `score(..., "oba")`'s per-batch function
+  oba-nativeconv the same with OBA_JAX_FAST_CONV=0 (XLA's own convolutions)
+
+The score rows run as `score` runs them: on CPU with the fast conv (unless OBA_JAX_FAST_CONV=0) and
+compiled with `fastconv.cpu_compiler_options()`; the grad rows are a plain `jax.jit(jax.grad(...))`.
 
 Memory: `temp MB` is XLA's buffer assignment for the compiled function (`memory_analysis()`:
 temporaries, excluding arguments/outputs); `RSS+ MB` is the growth of the process's peak resident
@@ -91,7 +94,8 @@ def _score_fn(method: str, apply, params, x, fast_conv: bool):
                            loss=hessian.softmax_cross_entropy, parts=False, first_order=False,
                            deltas=(1.0, 1.0, 1.0))
     batch_fn = hessian._batch_function(method, setup, program)
-    fn = jax.jit(lambda flat, x, y: batch_fn(flat, [x], y))
+    # Compiled as `score` compiles it (on CPU with XLA's memory-optimising scheduler).
+    fn = jax.jit(lambda flat, x, y: batch_fn(flat, [x], y), compiler_options=fastconv.cpu_compiler_options())
     return fn, leaves
 
 

@@ -1,19 +1,29 @@
-"""A CPU fast path for convolutions: the kernel tangent as a sum of shifted-slice matmuls.
+"""A CPU fast path for convolutions: the kernel gradient as one matmul per kernel tap.
 
-XLA:CPU computes a convolution's forward pass and input gradient quickly but its *kernel* gradient
+XLA:CPU computes most convolutions' forward pass and input gradient quickly but the *kernel* gradient
 slowly (DESIGN.md, "Performance notes": a 3×3 64→64 conv at 32×32, batch 128 takes 0.17 s forward
-and 2.9 s for the kernel gradient). `conv_general_dilated_fast` is the same function as
-`lax.conv_general_dilated`, written as a `jax.custom_jvp` whose tangent in the kernel is
+and 2.9 s for the kernel gradient), and it is pathologically slow on convolutions whose output is
+smaller than the kernel (a 3×3 512→512 conv on a 2×2 map at batch 64: 0.8 s forward against 0.01 s
+as matmuls — VGG19's last stage).
 
-    Σ_taps  slice_tap(pad(lhs)) @ rhs_dot[tap]        (one matmul per kernel tap)
+`conv_general_dilated_fast` is the same function as `lax.conv_general_dilated`, written as a
+`jax.custom_vjp`:
 
-so that its transpose, the kernel gradient, is one matmul per tap. The tangent in the input is the
-native convolution (its transpose, the input gradient, is fast in XLA). All of it is ordinary JAX, so
-it is correct under any order of differentiation, in particular forward-over-reverse HVPs.
+* forward: the native convolution, or `Σ_taps slice_tap(pad(lhs)) @ rhs[tap]` when an output
+  extent is smaller than the (dilated) kernel;
+* backward: the input gradient is the transpose of that forward (native transposed convolution or
+  matmuls); the kernel gradient is `slice_tap(pad(lhs))ᵀ @ g`, one GEMM per tap. The slices are
+  cut inside the backward pass, so only `lhs` and `rhs` are kept between the passes.
+
+The backward pass is ordinary JAX, so forward-over-reverse HVPs (`jax.jvp(jax.grad(f))`,
+`jax.hessian`) and reverse-over-reverse work. Forward mode applied to the function itself
+(`jax.jvp(f)`) does not (a `custom_vjp` limitation): use `conv_general_dilated_forward`, the same
+forward as plain operations, there.
 
 Only `feature_group_count == batch_group_count == 1` and `lhs_dilation == 1` convolutions take the
 fast path; anything else calls `lax.conv_general_dilated` unchanged. `use_fast_conv()` says whether
-callers should use it (CPU backend only; `OBA_JAX_FAST_CONV=0/1` overrides).
+callers should use it (CPU backend only; `OBA_JAX_FAST_CONV=0/1` overrides). `cpu_compiler_options()`
+are the XLA options the score functions compile with on CPU (the memory-optimising scheduler).
 """
 from __future__ import annotations
 
@@ -26,10 +36,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
-__all__ = ["bind_conv_eqn", "eval_jaxpr", "conv_general_dilated_fast", "eqn_supported", "is_supported", "use_fast_conv"]
+__all__ = ["bind_conv_eqn", "conv_general_dilated_fast", "conv_general_dilated_forward", "cpu_compiler_options",
+           "eqn_supported", "eval_jaxpr", "is_supported", "use_fast_conv"]
 
 
 def use_fast_conv() -> bool:
@@ -38,6 +50,18 @@ def use_fast_conv() -> bool:
     if env is not None and env.strip() != "":
         return env.strip().lower() not in ("0", "false", "no", "off")
     return jax.default_backend() == "cpu"
+
+
+def cpu_compiler_options() -> dict[str, Any] | None:
+    """XLA compile options for score functions: the memory-optimising scheduler on CPU, else None.
+
+    XLA:CPU's default (concurrency-optimising) scheduler keeps every intermediate of an HVP alive at
+    once: on a 4-conv chain (batch 128, 64 channels, 32×32) 2.1 GB of temporaries against 0.32 GB with
+    the memory-optimising one, at the same speed (bench/score_speed.py reports `temp MB`).
+    """
+    if jax.default_backend() != "cpu":
+        return None
+    return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 
 _CONV_KWARGS = ("window_strides", "padding", "lhs_dilation", "rhs_dilation", "dimension_numbers",
@@ -52,10 +76,14 @@ def eqn_supported(eqn: Any) -> bool:
     return is_supported(lhs.shape, rhs.shape, **{k: eqn.params[k] for k in _CONV_KWARGS})
 
 
-def bind_conv_eqn(eqn: Any, args: Sequence[Any]) -> list[Any]:
-    """Evaluates a `conv_general_dilated` equation (see `eqn_supported`) with the fast conv."""
+def bind_conv_eqn(eqn: Any, args: Sequence[Any], *, forward_mode: bool = False) -> list[Any]:
+    """Evaluates a `conv_general_dilated` equation (see `eqn_supported`) with the fast conv.
+
+    `forward_mode=True` binds `conv_general_dilated_forward` (for `jax.jvp` through it).
+    """
+    conv = conv_general_dilated_forward if forward_mode else conv_general_dilated_fast
     with eqn.ctx.manager:
-        return [conv_general_dilated_fast(*args, **{k: eqn.params[k] for k in _CONV_KWARGS})]
+        return [conv(*args, **{k: eqn.params[k] for k in _CONV_KWARGS})]
 
 
 def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], *args: Any) -> list[Any]:
@@ -90,10 +118,6 @@ def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], *args: Any) -> list[Any]:
     return [read(v) for v in jaxpr.outvars]
 
 
-def _dim_numbers(lhs_shape, rhs_shape, dimension_numbers) -> lax.ConvDimensionNumbers:
-    return lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
-
-
 def is_supported(lhs_shape: Sequence[int], rhs_shape: Sequence[int], *, lhs_dilation=None,
                  feature_group_count: int = 1, batch_group_count: int = 1, **_: Any) -> bool:
     """Whether the fast path handles this convolution (otherwise it falls back to the native conv)."""
@@ -104,35 +128,8 @@ def is_supported(lhs_shape: Sequence[int], rhs_shape: Sequence[int], *, lhs_dila
     return len(lhs_shape) == len(rhs_shape) >= 3
 
 
-def conv_general_dilated_fast(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
-                              padding: str | Sequence[tuple[int, int]], lhs_dilation=None, rhs_dilation=None,
-                              dimension_numbers=None, feature_group_count: int = 1, batch_group_count: int = 1,
-                              precision=None, preferred_element_type=None, out_sharding=None) -> jax.Array:
-    """`lax.conv_general_dilated` with a matmul kernel-tangent (same arguments, same result)."""
-    nd = lhs.ndim - 2
-    kw = dict(window_strides=tuple(window_strides), lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-              dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-              batch_group_count=batch_group_count, precision=precision,
-              preferred_element_type=preferred_element_type)
-    if out_sharding is not None or not is_supported(lhs.shape, rhs.shape, **kw):
-        if out_sharding is not None:
-            kw["out_sharding"] = out_sharding
-        return lax.conv_general_dilated(lhs, rhs, padding=padding, **kw)
-    dn = _dim_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    rhs_dilation = tuple(rhs_dilation) if rhs_dilation is not None else (1,) * nd
-    if isinstance(padding, str):
-        # Resolve SAME/VALID against the dilated kernel (as lax does).
-        in_spatial = [lhs.shape[d] for d in dn.lhs_spec[2:]]
-        k_spatial = [(rhs.shape[d] - 1) * r + 1 for d, r in zip(dn.rhs_spec[2:], rhs_dilation)]
-        padding = lax.padtype_to_pads(in_spatial, k_spatial, tuple(window_strides), padding)
-    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-    static = _Static(strides=tuple(int(s) for s in window_strides), pads=pads, rhs_dilation=rhs_dilation,
-                     dn=dn, precision=precision, preferred_element_type=preferred_element_type)
-    return _fast_conv(static, lhs, rhs)
-
-
 class _Static:
-    """Hashable static configuration of one convolution."""
+    """Hashable static configuration of one convolution (padding resolved to explicit pairs)."""
 
     def __init__(self, *, strides, pads, rhs_dilation, dn, precision, preferred_element_type):
         self.strides, self.pads, self.rhs_dilation, self.dn = strides, pads, rhs_dilation, dn
@@ -147,61 +144,189 @@ class _Static:
         return isinstance(other, _Static) and self._key == other._key
 
 
+def _static_or_none(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                    feature_group_count, batch_group_count, precision, preferred_element_type,
+                    out_sharding) -> _Static | None:
+    """The fast path's static configuration, or None when the native conv must be used."""
+    if out_sharding is not None or not is_supported(
+            lhs.shape, rhs.shape, lhs_dilation=lhs_dilation, feature_group_count=feature_group_count,
+            batch_group_count=batch_group_count):
+        return None
+    nd = lhs.ndim - 2
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    rhs_dilation = tuple(int(r) for r in rhs_dilation) if rhs_dilation is not None else (1,) * nd
+    if isinstance(padding, str):
+        # Resolve SAME/VALID against the dilated kernel (as lax does).
+        in_spatial = [lhs.shape[d] for d in dn.lhs_spec[2:]]
+        k_spatial = [(rhs.shape[d] - 1) * r + 1 for d, r in zip(dn.rhs_spec[2:], rhs_dilation)]
+        padding = lax.padtype_to_pads(in_spatial, k_spatial, tuple(window_strides), padding)
+    return _Static(strides=tuple(int(s) for s in window_strides),
+                   pads=tuple((int(lo), int(hi)) for lo, hi in padding), rhs_dilation=rhs_dilation,
+                   dn=dn, precision=precision, preferred_element_type=preferred_element_type)
+
+
+def conv_general_dilated_fast(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
+                              padding: str | Sequence[tuple[int, int]], lhs_dilation=None, rhs_dilation=None,
+                              dimension_numbers=None, feature_group_count: int = 1, batch_group_count: int = 1,
+                              precision=None, preferred_element_type=None, out_sharding=None) -> jax.Array:
+    """`lax.conv_general_dilated` with a matmul kernel gradient (same arguments, same result).
+
+    Reverse mode and forward-over-reverse only (see the module docstring).
+    """
+    s = _static_or_none(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                        feature_group_count, batch_group_count, precision, preferred_element_type, out_sharding)
+    if s is None:
+        return _native_call(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                            feature_group_count, batch_group_count, precision, preferred_element_type,
+                            out_sharding)
+    return _fast_conv(s, lhs, rhs)
+
+
+def conv_general_dilated_forward(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
+                                 padding: str | Sequence[tuple[int, int]], lhs_dilation=None, rhs_dilation=None,
+                                 dimension_numbers=None, feature_group_count: int = 1, batch_group_count: int = 1,
+                                 precision=None, preferred_element_type=None, out_sharding=None) -> jax.Array:
+    """The fast path's forward as plain operations: for forward mode (`jax.jvp`), where only
+    convolutions (never kernel gradients) are evaluated."""
+    s = _static_or_none(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                        feature_group_count, batch_group_count, precision, preferred_element_type, out_sharding)
+    if s is None:
+        return _native_call(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                            feature_group_count, batch_group_count, precision, preferred_element_type,
+                            out_sharding)
+    return _forward(s, lhs, rhs)
+
+
+def _native_call(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                 feature_group_count, batch_group_count, precision, preferred_element_type, out_sharding):
+    kw = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+              feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+              precision=precision, preferred_element_type=preferred_element_type)
+    if out_sharding is not None:
+        kw["out_sharding"] = out_sharding
+    return lax.conv_general_dilated(lhs, rhs, tuple(window_strides), padding, **kw)
+
+
 def _native(s: _Static, lhs, rhs):
     return lax.conv_general_dilated(lhs, rhs, s.strides, s.pads, rhs_dilation=s.rhs_dilation,
                                     dimension_numbers=s.dn, precision=s.precision,
                                     preferred_element_type=s.preferred_element_type)
 
 
-def _shifted_matmul(s: _Static, lhs, rhs):
-    """The convolution as Σ_taps slice(pad(lhs)) · rhs[tap]: bilinear, built from slices and dot_generals."""
-    dn, nd = s.dn, lhs.ndim - 2
-    # Canonical layouts: lhs (N, spatial..., C), rhs (spatial..., I, O).
-    x = jnp.transpose(lhs, (dn.lhs_spec[0], *dn.lhs_spec[2:], dn.lhs_spec[1]))
-    w = jnp.transpose(rhs, (*dn.rhs_spec[2:], dn.rhs_spec[1], dn.rhs_spec[0]))
-    x = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), *((lo, hi, 0) for lo, hi in s.pads), (0, 0, 0)))
-    ksize = w.shape[:nd]
-    out_sp = [(x.shape[1 + i] - (ksize[i] - 1) * s.rhs_dilation[i] - 1) // s.strides[i] + 1 for i in range(nd)]
-    rows = x.shape[0] * math.prod(max(o, 0) for o in out_sp)
-    out_dtype = s.preferred_element_type or jnp.result_type(lhs, rhs)
-    out = jnp.zeros((rows, w.shape[-1]), out_dtype)  # stays zero when the output is empty
-    if rows and x.shape[-1]:
-        for i, tap in enumerate(itertools.product(*(range(k) for k in ksize))):
-            start = [t * r for t, r in zip(tap, s.rhs_dilation)]
-            limit = [st + (o - 1) * sd + 1 for st, o, sd in zip(start, out_sp, s.strides)]
-            xs = lax.slice(x, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]), (1, *s.strides, 1))
-            # A 2-D matmul (rows = batch × output positions): its transpose is one plain GEMM, which
-            # XLA:CPU runs several times faster than a dot_general contracting over several axes.
-            term = lax.dot_general(xs.reshape(rows, x.shape[-1]), w[tap], (((1,), (0,)), ((), ())),
-                                   precision=s.precision, preferred_element_type=s.preferred_element_type)
-            out = term if i == 0 else out + term
-    out = out.reshape(x.shape[0], *(max(o, 0) for o in out_sp), w.shape[-1])
-    # out is (N, spatial..., O): back to the conv's output layout.
+class _Taps:
+    """The conv in canonical layouts: padded lhs (N, spatial..., C), output spatial extents, and for each
+    kernel tap the 2-D slice of the padded lhs (rows = batch × output positions) it multiplies."""
+
+    def __init__(self, s: _Static, lhs: jax.Array, ksize: Sequence[int]):
+        dn, nd = s.dn, lhs.ndim - 2
+        x = jnp.transpose(lhs, (dn.lhs_spec[0], *dn.lhs_spec[2:], dn.lhs_spec[1]))
+        self.x = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), *((lo, hi, 0) for lo, hi in s.pads), (0, 0, 0)))
+        self.s, self.ksize = s, tuple(ksize)
+        self.out_spatial = [max((self.x.shape[1 + i] - (ksize[i] - 1) * s.rhs_dilation[i] - 1) // s.strides[i] + 1, 0)
+                            for i in range(nd)]
+        self.rows = self.x.shape[0] * math.prod(self.out_spatial)
+        self.channels = self.x.shape[-1]
+
+    def taps(self):
+        return itertools.product(*(range(k) for k in self.ksize))
+
+    def slice2d(self, tap) -> jax.Array:
+        s, x = self.s, self.x
+        start = [t * r for t, r in zip(tap, s.rhs_dilation)]
+        limit = [st + (o - 1) * sd + 1 for st, o, sd in zip(start, self.out_spatial, s.strides)]
+        xs = lax.slice(x, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]), (1, *s.strides, 1))
+        return xs.reshape(self.rows, self.channels)
+
+
+def _canonical_kernel(s: _Static, rhs):
+    """rhs as (spatial..., I, O)."""
+    return jnp.transpose(rhs, (*s.dn.rhs_spec[2:], s.dn.rhs_spec[1], s.dn.rhs_spec[0]))
+
+
+def _from_canonical_kernel(s: _Static, w):
+    perm = (*s.dn.rhs_spec[2:], s.dn.rhs_spec[1], s.dn.rhs_spec[0])
+    return jnp.transpose(w, tuple(int(i) for i in np.argsort(perm)))
+
+
+def _to_out_layout(s: _Static, out):
+    """(N, spatial..., O) → the conv's output layout."""
+    nd = out.ndim - 2
     perm = [0] * (nd + 2)
-    perm[dn.out_spec[0]] = 0
-    perm[dn.out_spec[1]] = nd + 1
-    for i, d in enumerate(dn.out_spec[2:]):
+    perm[s.dn.out_spec[0]] = 0
+    perm[s.dn.out_spec[1]] = nd + 1
+    for i, d in enumerate(s.dn.out_spec[2:]):
         perm[d] = 1 + i
     return jnp.transpose(out, perm)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _fast_conv(s: _Static, lhs, rhs):
+def _from_out_layout(s: _Static, g):
+    """The conv's output layout → (N, spatial..., O)."""
+    return jnp.transpose(g, (s.dn.out_spec[0], *s.dn.out_spec[2:], s.dn.out_spec[1]))
+
+
+def _shifted_matmul(s: _Static, lhs, rhs):
+    """The convolution as Σ_taps slice(pad(lhs)) · rhs[tap]: built from slices and 2-D dot_generals."""
+    w = _canonical_kernel(s, rhs)
+    t = _Taps(s, lhs, w.shape[:-2])
+    out_dtype = s.preferred_element_type or jnp.result_type(lhs, rhs)
+    out = jnp.zeros((t.rows, w.shape[-1]), out_dtype)  # stays zero when the output is empty
+    if t.rows and t.channels:
+        for i, tap in enumerate(t.taps()):
+            term = lax.dot_general(t.slice2d(tap), w[tap], (((1,), (0,)), ((), ())),
+                                   precision=s.precision, preferred_element_type=s.preferred_element_type)
+            out = term if i == 0 else out + term
+    return _to_out_layout(s, out.reshape(t.x.shape[0], *t.out_spatial, w.shape[-1]))
+
+
+def _matmul_forward(s: _Static, lhs_shape: Sequence[int], rhs_shape: Sequence[int]) -> bool:
+    """Whether the forward runs as matmuls: when an output extent is smaller than the dilated kernel
+    (XLA:CPU's native conv is ~70× slower than matmuls there; elsewhere it is as fast or faster)."""
+    dn = s.dn
+    for i, (ld, rd) in enumerate(zip(dn.lhs_spec[2:], dn.rhs_spec[2:])):
+        k = (rhs_shape[rd] - 1) * s.rhs_dilation[i] + 1
+        out = (lhs_shape[ld] + sum(s.pads[i]) - k) // s.strides[i] + 1
+        if out < k:
+            return True
+    return False
+
+
+def _forward(s: _Static, lhs, rhs):
+    if _matmul_forward(s, lhs.shape, rhs.shape):
+        return _shifted_matmul(s, lhs, rhs)
     return _native(s, lhs, rhs)
 
 
-@functools.partial(_fast_conv.defjvp, symbolic_zeros=True)
-def _fast_conv_jvp(s: _Static, primals, tangents):
-    lhs, rhs = primals
-    lhs_dot, rhs_dot = tangents
-    # The primal through the custom function again, so higher-order derivatives also take the fast path.
-    out = _fast_conv(s, lhs, rhs)
-    tangent = None
-    if not isinstance(lhs_dot, jax.custom_derivatives.SymbolicZero):
-        tangent = _native(s, lhs_dot, rhs)
-    if not isinstance(rhs_dot, jax.custom_derivatives.SymbolicZero):
-        t = _shifted_matmul(s, lhs, rhs_dot)
-        tangent = t if tangent is None else tangent + t
-    if tangent is None:
-        tangent = jnp.zeros_like(out)
-    return out, tangent
+def _kernel_grad(s: _Static, lhs, rhs_shape: Sequence[int], rhs_dtype, g):
+    """∂/∂rhs of `Σ g · conv(lhs, rhs)`: per tap, slice(pad(lhs))ᵀ @ g (one GEMM each)."""
+    k_spatial = [rhs_shape[d] for d in s.dn.rhs_spec[2:]]
+    c_in, c_out = rhs_shape[s.dn.rhs_spec[1]], rhs_shape[s.dn.rhs_spec[0]]
+    t = _Taps(s, lhs, k_spatial)
+    g2 = _from_out_layout(s, g).reshape(t.rows, c_out)
+    dtype = jnp.result_type(lhs, g)
+    if not (t.rows and t.channels):
+        return jnp.zeros(rhs_shape, rhs_dtype)
+    per_tap = [lax.dot_general(t.slice2d(tap).astype(dtype), g2.astype(dtype), (((0,), (0,)), ((), ())),
+                               precision=s.precision) for tap in t.taps()]
+    w = jnp.stack(per_tap).reshape(*k_spatial, c_in, c_out)
+    return _from_canonical_kernel(s, w).astype(rhs_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fast_conv(s: _Static, lhs, rhs):
+    return _forward(s, lhs, rhs)
+
+
+def _fast_conv_fwd(s: _Static, lhs, rhs):
+    return _forward(s, lhs, rhs), (lhs, rhs)
+
+
+def _fast_conv_bwd(s: _Static, residuals, g):
+    lhs, rhs = residuals
+    # The input gradient is the transpose of the forward in lhs: XLA's transposed conv, which is fast
+    # on CPU, or the matmuls' transposes. The kernel gradient never goes through XLA's conv.
+    (d_lhs,) = jax.vjp(lambda a: _forward(s, a, rhs), lhs)[1](g)
+    d_rhs = _kernel_grad(s, lhs, rhs.shape, rhs.dtype, g)
+    return d_lhs.astype(lhs.dtype), d_rhs
+
+
+_fast_conv.defvjp(_fast_conv_fwd, _fast_conv_bwd)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from oba_jax import fastconv
 from oba_jax.graph import Connectivity, _build, _check_param_leaves, analyse, leaf_paths, trace_program
 from oba_jax.surrogate import evaluate
 
@@ -145,7 +147,7 @@ def _downward(setup: _Setup, flat: Sequence[Any], x: Sequence[Any], labels: jax.
 
     def layer_inputs(th):
         rec: dict[str, list] = {}
-        evaluate(analysis, _replace(flat, setup.theta_idx, th), x, record_inputs=rec)
+        evaluate(analysis, _replace(flat, setup.theta_idx, th), x, record_inputs=rec, forward_mode=True)
         return rec
 
     _, tangents = jax.jvp(layer_inputs, (list(theta),), (list(theta),))
@@ -290,9 +292,12 @@ def _batch_function(method: str, setup: _Setup, program: Any) -> Callable:
     if method == "oba":
         return lambda flat, x, y: _oba_batch(setup, flat, x, y)
 
+    # The traced program replayed as it is: baselines differentiate the real network (on CPU with
+    # the fast conv, the same function with faster kernel gradients, as OBA's surrogate uses).
+    replay = fastconv.eval_jaxpr if fastconv.use_fast_conv() else jax.core.eval_jaxpr
+
     def loss_fn(flat, x, y):
-        # The traced program replayed as it is: baselines differentiate the real network.
-        logits = jax.core.eval_jaxpr(program.closed.jaxpr, program.closed.consts, *flat, *x)[0]
+        logits = replay(program.closed.jaxpr, program.closed.consts, *flat, *x)[0]
         return setup.loss(logits, y)
     return lambda flat, x, y: _baseline_batch(method, setup, loss_fn, flat, x, y)
 
@@ -312,7 +317,7 @@ def _accumulate(batch_fn: Callable, leaves: list[jax.Array], batches: Any, stack
             xs_flat = [jax.device_put(a, sharding) for a in xs_flat]
             ys = jax.device_put(jnp.asarray(ys), sharding)
 
-        @jax.jit
+        @functools.partial(jax.jit, compiler_options=fastconv.cpu_compiler_options())
         def run(flat, xs_flat, ys):
             def body(acc, batch):
                 x, y = batch
@@ -324,9 +329,10 @@ def _accumulate(batch_fn: Callable, leaves: list[jax.Array], batches: Any, stack
             return acc
         return run(leaves, xs_flat, ys), int(ys.shape[0])
 
-    step_first = jax.jit(lambda flat, x, y: batch_fn(flat, x, y))
+    options = fastconv.cpu_compiler_options()
+    step_first = jax.jit(lambda flat, x, y: batch_fn(flat, x, y), compiler_options=options)
     step_add = jax.jit(lambda acc, flat, x, y: jax.tree_util.tree_map(jnp.add, acc, batch_fn(flat, x, y)),
-                       donate_argnums=0)
+                       donate_argnums=0, compiler_options=options)
     acc, count = None, 0
     for x, y in batches:
         _check_labels(y, num_classes)

@@ -11,6 +11,7 @@ given tangent of the layer's input; the gradient with respect to the zero-valued
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,8 +68,9 @@ def _series_product(eqn: jcore.JaxprEqn, args: list[Any]) -> list[Any]:
 class _Evaluator:
     def __init__(self, analysis: _Analysis, *, linearise_parallel: bool,
                  probes: dict[str, Any] | None, probe_tangents: dict[str, Any] | None,
-                 record_inputs: dict[str, Any] | None):
+                 record_inputs: dict[str, Any] | None, forward_mode: bool):
         self.a = analysis
+        self.forward_mode = forward_mode
         self.linearise_parallel = linearise_parallel
         self.probes = probes
         self.probe_tangents = probe_tangents
@@ -105,7 +107,10 @@ class _Evaluator:
         path = self.a.layer_of_eqn[key]
         w_pos = self.a.weight_position[key]
         # CPU: convolutions whose kernel gradient is matmuls (XLA:CPU's native one is slow).
-        bind = bind_conv_eqn if use_fast_conv() and eqn_supported(eqn) else _bind
+        if use_fast_conv() and eqn_supported(eqn):
+            bind = functools.partial(bind_conv_eqn, forward_mode=self.forward_mode)
+        else:
+            bind = _bind
         out = bind(eqn, ins)
         call = self.layer_calls.get(path, 0)
         self.layer_calls[path] = call + 1
@@ -126,10 +131,14 @@ class _Evaluator:
 def evaluate(analysis: _Analysis, flat_params: Sequence[Any], flat_inputs: Sequence[Any], *,
              linearise_parallel: bool = False, probes: dict[str, Any] | None = None,
              probe_tangents: dict[str, Any] | None = None,
-             record_inputs: dict[str, Any] | None = None) -> Any:
-    """Logits of the surrogate network at `flat_params` (all leaves) on `flat_inputs`."""
+             record_inputs: dict[str, Any] | None = None, forward_mode: bool = False) -> Any:
+    """Logits of the surrogate network at `flat_params` (all leaves) on `flat_inputs`.
+
+    `forward_mode=True` when the caller differentiates only with `jax.jvp` (the CPU fast conv is
+    reverse-mode only; see `oba_jax.fastconv`).
+    """
     closed = analysis.program.closed
     ev = _Evaluator(analysis, linearise_parallel=linearise_parallel, probes=probes,
-                    probe_tangents=probe_tangents, record_inputs=record_inputs)
+                    probe_tangents=probe_tangents, record_inputs=record_inputs, forward_mode=forward_mode)
     (out,) = ev.run(closed.jaxpr, list(closed.consts), [*flat_params, *flat_inputs], ())
     return out

@@ -1,7 +1,8 @@
 """The fast CPU convolution computes the same function as `lax.conv_general_dilated`.
 
-Value, gradient in both operands and forward-over-reverse HVPs are compared in float64 against the
-native convolution; the OBA scores of a small conv net must not depend on which one is used.
+Value, gradient in both operands, forward-over-reverse HVPs, the dense Hessian and (for the plain
+forward) forward-mode tangents are compared in float64 against the native convolution; the OBA
+scores of a small conv net must not depend on which one is used.
 """
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,10 @@ CASES = [
     (3, 2, ((1, 0), (0, 2)), (9, 6), 2, 3, 1),
     (3, 1, "VALID", (6, 9), 2, 2, 2),
     (7, 2, ((3, 3), (2, 1)), (15, 13), 2, 3, 1),
+    # Outputs smaller than the kernel: the forward itself runs as matmuls.
+    (3, 1, "SAME", (2, 2), 3, 4, 1),
+    (3, 1, "SAME", (1, 3), 2, 3, 1),
+    (3, 2, "SAME", (3, 4), 2, 2, 1),
 ]
 
 
@@ -69,6 +74,49 @@ def test_value_grad_hvp_match_native(k, stride, padding, hw, cin, cout, dil):
         assert _max_err(a, b) < 1e-10 * scale
 
 
+def test_small_outputs_take_the_matmul_forward():
+    def static(hw, k=3, stride=1):
+        x, w = jnp.zeros((1, *hw, 2)), jnp.zeros((k, k, 2, 3))
+        return fastconv._static_or_none(x, w, (stride, stride), "SAME", None, None, NHWC, 1, 1, None, None,
+                                        None), x.shape, w.shape
+    for hw, expected in [((2, 2), True), ((1, 5), True), ((3, 3), False), ((32, 32), False)]:
+        s, xs, ws = static(hw)
+        assert fastconv._matmul_forward(s, xs, ws) is expected, hw
+
+
+def test_forward_mode():
+    """`conv_general_dilated_forward` has native tangents; the custom-VJP fast conv refuses `jax.jvp`
+    (documented), but `jax.hessian` (forward over reverse) works and equals the native one."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(2, 5, 4, 3)))
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, 2)))
+    tx, tw = jnp.asarray(rng.normal(size=x.shape)), jnp.asarray(rng.normal(size=w.shape))
+    for hw in [(5, 4), (2, 2)]:
+        xi, txi = x[:, :hw[0], :hw[1]], tx[:, :hw[0], :hw[1]]
+        kw = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=NHWC)
+        f = lambda conv: (lambda a, b: jnp.sin(conv(a, b, **kw)))
+        a = jax.jvp(f(fastconv.conv_general_dilated_forward), (xi, w), (txi, tw))
+        b = jax.jvp(f(lax.conv_general_dilated), (xi, w), (txi, tw))
+        assert _max_err(a, b) < 1e-10
+        h = lambda conv: jax.hessian(lambda b: jnp.sum(f(conv)(xi, b)))(w)
+        assert _max_err(h(conv_general_dilated_fast), h(lax.conv_general_dilated)) < 1e-10
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(lambda b: conv_general_dilated_fast(x, b, (1, 1), "SAME", dimension_numbers=NHWC), (w,), (tw,))
+
+
+def test_mixed_precision_operands():
+    """`preferred_element_type` (float32 operands, float64 result) keeps dtypes and gradients."""
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.normal(size=(2, 6, 6, 3)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
+    kw = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=NHWC, preferred_element_type=jnp.float64)
+    loss = lambda conv: (lambda a, b: jnp.sum(jnp.tanh(conv(a, b, **kw))))
+    ga = jax.grad(loss(conv_general_dilated_fast), (0, 1))(x, w)
+    gb = jax.grad(loss(lax.conv_general_dilated), (0, 1))(x, w)
+    assert [g.dtype for g in ga] == [jnp.float32, jnp.float32]
+    assert _max_err(ga, gb) < 1e-5
+
+
 def test_kernel_only_grad_and_jit():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(3, 6, 5, 4)))
@@ -99,6 +147,28 @@ def test_other_layouts_and_fallbacks():
     assert not fastconv.is_supported(xg.shape, wg.shape, feature_group_count=2)
     np.testing.assert_array_equal(conv_general_dilated_fast(xg, wg, **kwg), lax.conv_general_dilated(xg, wg, **kwg))
     assert not fastconv.is_supported(xg.shape, wg.shape, lhs_dilation=(2, 2))
+
+
+def test_cpu_compiler_options():
+    opts = fastconv.cpu_compiler_options()
+    if jax.default_backend() == "cpu":
+        # Accepted by XLA and it changes the buffer assignment of an HVP (fewer live temporaries).
+        x = jnp.ones((8, 16, 16, 8))
+        w = jnp.ones((3, 3, 8, 8)) * 0.01
+        conv = lambda a, b: conv_general_dilated_fast(a, b, (1, 1), "SAME", dimension_numbers=NHWC)
+
+        def hvp(ws):
+            def f(ws):
+                h = x
+                for b in ws:
+                    h = jnp.tanh(conv(h, b))
+                return jnp.sum(h ** 2)
+            return jax.jvp(jax.grad(f), (ws,), (ws,))[1]
+
+        temp = lambda o: jax.jit(hvp, compiler_options=o).lower([w] * 4).compile().memory_analysis().temp_size_in_bytes
+        assert temp(opts) < temp(None)
+    else:
+        assert opts is None
 
 
 def test_use_fast_conv_env(monkeypatch):
@@ -134,12 +204,15 @@ def test_oba_scores_do_not_depend_on_the_conv(monkeypatch):
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(size=(4, 6, 6, 3)), jnp.float32)
     y = jnp.asarray([0, 1, 2, 1])
-    results = {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv("OBA_JAX_FAST_CONV", flag)
-        r = score(apply, {"params": params, "rest": rest}, [(x, y)], "oba", parts=True, dtype=jnp.float64)
-        results[flag] = [r.sum, *r.parts.values()]
-    assert _max_err(results["0"], results["1"]) < 1e-10 * (1 + _max_err(results["0"], jax.tree_util.tree_map(jnp.zeros_like, results["0"])))
+    for method in ("oba", "fastoba", "taylor"):
+        results = {}
+        for flag in ("0", "1"):
+            monkeypatch.setenv("OBA_JAX_FAST_CONV", flag)
+            r = score(apply, {"params": params, "rest": rest}, [(x, y)], method, parts=method == "oba",
+                      dtype=jnp.float64)
+            results[flag] = [r.sum, *(r.parts or {}).values()]
+        scale = 1 + _max_err(results["0"], jax.tree_util.tree_map(jnp.zeros_like, results["0"]))
+        assert _max_err(results["0"], results["1"]) < 1e-10 * scale, method
 
 
 def test_eval_jaxpr_replays_with_fast_conv():
