@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend import core as jcore
 
 from oba_jax.fastconv import bind_conv_eqn, eqn_supported, use_fast_conv
@@ -34,25 +35,45 @@ def _bind(eqn: jcore.JaxprEqn, args: Sequence[Any]) -> list[Any]:
 
 
 def _linearised(eqn: jcore.JaxprEqn, args: list[Any], deps: list[bool]) -> list[Any]:
-    """`sg(φ(u)) + jvp(φ, sg(u); u − sg(u))` over the parameter-dependent operands."""
+    """φ with its derivative frozen at the evaluation point: same value and first derivative as φ,
+    zero second derivative (`sg(φ(u)) + jvp(φ, sg(u); u − sg(u))` over the parameter-dependent operands).
+
+    Written as a `jax.custom_jvp` whose tangent is `jvp(φ, sg(u); du)`: the forward pass evaluates φ
+    once (no zero-valued tangent term) and the backward pass multiplies by φ'(u₀) as φ's own would.
+    """
     dyn = [i for i, d in enumerate(deps) if d]
+    const = {i: a for i, a in enumerate(args) if i not in dyn}
 
-    def phi(*dyn_args):
-        full = list(args)
+    def full(dyn_args):
+        out = [const.get(i) for i in range(len(args))]
         for i, a in zip(dyn, dyn_args):
-            full[i] = a
-        return _bind(eqn, full)
+            out[i] = a
+        return out
 
-    u = [args[i] for i in dyn]
-    u0 = [jax.lax.stop_gradient(x) for x in u]
-    primal, tangent = jax.jvp(phi, u0, [x - x0 for x, x0 in zip(u, u0)])
-    out = []
-    for p, t in zip(primal, tangent):
-        if jnp.issubdtype(p.dtype, jnp.inexact):
-            out.append(jax.lax.stop_gradient(p) + t)
-        else:
-            out.append(p)
-    return out
+    @functools.partial(jax.custom_jvp)
+    def frozen(*dyn_args):
+        return _bind(eqn, full(dyn_args))
+
+    @functools.partial(frozen.defjvp, symbolic_zeros=True)
+    def frozen_jvp(primals, tangents):
+        # The primal through `frozen` again, so every order of differentiation sees the frozen φ.
+        out = frozen(*primals)
+        live = [k for k, t in enumerate(tangents) if not isinstance(t, jax.custom_derivatives.SymbolicZero)]
+        if not live:
+            return out, [jnp.zeros_like(o) if jnp.issubdtype(o.dtype, jnp.inexact) else
+                         np.zeros(o.shape, jax.dtypes.float0) for o in out]
+        point = [jax.lax.stop_gradient(p) for p in primals]
+
+        def phi_live(*live_args):
+            d = list(point)
+            for k, a in zip(live, live_args):
+                d[k] = a
+            return _bind(eqn, full(d))
+
+        _, tangent = jax.jvp(phi_live, [point[k] for k in live], [tangents[k] for k in live])
+        return out, tangent
+
+    return list(frozen(*[args[i] for i in dyn]))
 
 
 def _series_product(eqn: jcore.JaxprEqn, args: list[Any]) -> list[Any]:
