@@ -64,13 +64,13 @@ def _max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _split(spec, fast_conv_modules: bool = False):
+def _split(spec, fast_conv_modules: bool = False, bn_mode: str = "train"):
     model = models.build_model(spec, rngs=nnx.Rngs(0))
     if fast_conv_modules:
         for _, m in nnx.iter_modules(model):
             if isinstance(m, nnx.Conv):
                 m.conv_general_dilated = fastconv.conv_general_dilated_fast
-    model.train()
+    model.train() if bn_mode == "train" else model.eval()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     apply = lambda p, x: nnx.merge(graphdef, p["params"], p["rest"])(x)
     return apply, {"params": params, "rest": rest}
@@ -116,12 +116,13 @@ def _time(fn, args, repeats: int, warmup: bool = True) -> tuple[float, float, fl
     return statistics.median(times), temp_mb, max(_max_rss_mb() - rss0, 0.0)
 
 
-def bench_model(name: str, make_spec, batch: int, repeats: int, rows, warmup: bool = True) -> list[dict]:
+def bench_model(name: str, make_spec, batch: int, repeats: int, rows, warmup: bool = True,
+                bn_mode: str = "train") -> list[dict]:
     spec = make_spec()
     h, w, c = models.input_shape(spec)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(batch, h, w, c)), jnp.float32)
-    apply, params = _split(spec)
+    apply, params = _split(spec, bn_mode=bn_mode)
     y = jnp.asarray(rng.integers(0, apply(params, x[:1]).shape[-1], size=batch), jnp.int32)
     results = []
     saved = os.environ.get("OBA_JAX_FAST_CONV")
@@ -129,7 +130,7 @@ def bench_model(name: str, make_spec, batch: int, repeats: int, rows, warmup: bo
         with jax.default_matmul_precision("highest"):
             for row in rows:
                 if row in ("grad", "grad+fastconv"):
-                    a, p = _split(spec, fast_conv_modules=row == "grad+fastconv")
+                    a, p = _split(spec, fast_conv_modules=row == "grad+fastconv", bn_mode=bn_mode)
                     fn, args = _grad_fn(a), (p, x, y)
                 else:
                     method = "oba" if row.startswith("oba") else row
@@ -173,6 +174,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {ROWS}")
     ap.add_argument("--no-warmup", action="store_true",
                     help="skip the untimed run after the ahead-of-time compile (saves time on big models)")
+    ap.add_argument("--bn-mode", choices=("train", "eval"), default="train",
+                    help="BatchNorm batch statistics (train) or running averages (eval)")
     ap.add_argument("--quick", action="store_true", help="tiny models, batch 4, 1 repeat (smoke test)")
     args = ap.parse_args(argv)
 
@@ -186,11 +189,12 @@ def main(argv=None) -> None:
     print(f"# jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPU cores, "
           f"{platform.processor() or platform.machine()}; median of {repeats} runs"
           f"{'' if args.no_warmup else ' after one warm-up run'} (compile excluded); "
-          f"float32, matmul precision 'highest'")
+          f"float32, matmul precision 'highest', BatchNorm in {args.bn_mode} mode")
     results = []
     for n in names:
         make_spec, default_batch = table[n]
-        results += bench_model(n, make_spec, args.batch or default_batch, repeats, rows, not args.no_warmup)
+        results += bench_model(n, make_spec, args.batch or default_batch, repeats, rows, not args.no_warmup,
+                               args.bn_mode)
     print_table(results)
 
 

@@ -86,7 +86,7 @@ def test_small_outputs_take_the_matmul_forward():
 
 def test_forward_mode():
     """`conv_general_dilated_forward` has native tangents; the custom-VJP fast conv refuses `jax.jvp`
-    (documented), but `jax.hessian` (forward over reverse) works and equals the native one."""
+    (documented), but `jax.hessian` (forward over reverse) and reverse over reverse equal the native ones."""
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.normal(size=(2, 5, 4, 3)))
     w = jnp.asarray(rng.normal(size=(3, 3, 3, 2)))
@@ -100,6 +100,8 @@ def test_forward_mode():
         assert _max_err(a, b) < 1e-10
         h = lambda conv: jax.hessian(lambda b: jnp.sum(f(conv)(xi, b)))(w)
         assert _max_err(h(conv_general_dilated_fast), h(lax.conv_general_dilated)) < 1e-10
+        rr = lambda conv: jax.jacrev(jax.grad(lambda b: jnp.sum(f(conv)(xi, b))))(w)  # reverse over reverse
+        assert _max_err(rr(conv_general_dilated_fast), h(lax.conv_general_dilated)) < 1e-10
     with pytest.raises(TypeError, match="forward-mode"):
         jax.jvp(lambda b: conv_general_dilated_fast(x, b, (1, 1), "SAME", dimension_numbers=NHWC), (w,), (tw,))
 
