@@ -166,39 +166,29 @@ def _static_or_none(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilatio
 
 
 def conv_general_dilated_fast(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
-                              padding: str | Sequence[tuple[int, int]], lhs_dilation=None, rhs_dilation=None,
-                              dimension_numbers=None, feature_group_count: int = 1, batch_group_count: int = 1,
-                              precision=None, preferred_element_type=None, out_sharding=None) -> jax.Array:
+                              padding: str | Sequence[tuple[int, int]], **kwargs: Any) -> jax.Array:
     """`lax.conv_general_dilated` with a matmul kernel gradient (same arguments, same result).
 
     Reverse mode and forward-over-reverse only (see the module docstring).
     """
-    s = _static_or_none(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                        feature_group_count, batch_group_count, precision, preferred_element_type, out_sharding)
-    if s is None:
-        return _native_call(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                            feature_group_count, batch_group_count, precision, preferred_element_type,
-                            out_sharding)
-    return _fast_conv(s, lhs, rhs)
+    return _dispatch(_fast_conv, lhs, rhs, window_strides, padding, **kwargs)
 
 
 def conv_general_dilated_forward(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
-                                 padding: str | Sequence[tuple[int, int]], lhs_dilation=None, rhs_dilation=None,
-                                 dimension_numbers=None, feature_group_count: int = 1, batch_group_count: int = 1,
-                                 precision=None, preferred_element_type=None, out_sharding=None) -> jax.Array:
+                                 padding: str | Sequence[tuple[int, int]], **kwargs: Any) -> jax.Array:
     """The fast path's forward as plain operations: for forward mode (`jax.jvp`), where only
-    convolutions (never kernel gradients) are evaluated."""
+    convolutions (never kernel gradients) are evaluated. Same arguments as `lax.conv_general_dilated`."""
+    return _dispatch(_forward, lhs, rhs, window_strides, padding, **kwargs)
+
+
+def _dispatch(impl: Any, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+              dimension_numbers=None, feature_group_count: int = 1, batch_group_count: int = 1,
+              precision=None, preferred_element_type=None, out_sharding=None) -> jax.Array:
+    """`impl(static, lhs, rhs)` for supported convolutions, the native conv for the rest."""
     s = _static_or_none(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                         feature_group_count, batch_group_count, precision, preferred_element_type, out_sharding)
-    if s is None:
-        return _native_call(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                            feature_group_count, batch_group_count, precision, preferred_element_type,
-                            out_sharding)
-    return _forward(s, lhs, rhs)
-
-
-def _native_call(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                 feature_group_count, batch_group_count, precision, preferred_element_type, out_sharding):
+    if s is not None:
+        return impl(s, lhs, rhs)
     kw = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
               feature_group_count=feature_group_count, batch_group_count=batch_group_count,
               precision=precision, preferred_element_type=preferred_element_type)
