@@ -50,7 +50,7 @@ def _linearised(eqn: jcore.JaxprEqn, args: list[Any], deps: list[bool]) -> list[
             out[i] = a
         return out
 
-    @functools.partial(jax.custom_jvp)
+    @jax.custom_jvp
     def frozen(*dyn_args):
         return _bind(eqn, full(dyn_args))
 
