@@ -208,12 +208,11 @@ class _Taps:
     kernel tap the 2-D slice of the padded lhs (rows = batch × output positions) it multiplies."""
 
     def __init__(self, s: _Static, lhs: jax.Array, ksize: Sequence[int]):
-        dn, nd = s.dn, lhs.ndim - 2
+        dn = s.dn
         x = jnp.transpose(lhs, (dn.lhs_spec[0], *dn.lhs_spec[2:], dn.lhs_spec[1]))
         self.x = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), *((lo, hi, 0) for lo, hi in s.pads), (0, 0, 0)))
         self.s, self.ksize = s, tuple(ksize)
-        self.out_spatial = [max((self.x.shape[1 + i] - (ksize[i] - 1) * s.rhs_dilation[i] - 1) // s.strides[i] + 1, 0)
-                            for i in range(nd)]
+        self.out_spatial = [max(_out_extent(s, i, self.x.shape[1 + i], k), 0) for i, k in enumerate(ksize)]
         self.rows = self.x.shape[0] * math.prod(self.out_spatial)
         self.channels = self.x.shape[-1]
 
@@ -273,11 +272,18 @@ def _matmul_forward(s: _Static, lhs_shape: Sequence[int], rhs_shape: Sequence[in
     (XLA:CPU's native conv is ~70× slower than matmuls there; elsewhere it is as fast or faster)."""
     dn = s.dn
     for i, (ld, rd) in enumerate(zip(dn.lhs_spec[2:], dn.rhs_spec[2:])):
-        k = (rhs_shape[rd] - 1) * s.rhs_dilation[i] + 1
-        out = (lhs_shape[ld] + sum(s.pads[i]) - k) // s.strides[i] + 1
-        if out < k:
+        if _out_extent(s, i, lhs_shape[ld] + sum(s.pads[i]), rhs_shape[rd]) < _dilated(s, i, rhs_shape[rd]):
             return True
     return False
+
+
+def _dilated(s: _Static, dim: int, kernel_size: int) -> int:
+    return (kernel_size - 1) * s.rhs_dilation[dim] + 1
+
+
+def _out_extent(s: _Static, dim: int, padded_size: int, kernel_size: int) -> int:
+    """Output length along spatial `dim` (may be ≤ 0 when the kernel does not fit)."""
+    return (padded_size - _dilated(s, dim, kernel_size)) // s.strides[dim] + 1
 
 
 def _forward(s: _Static, lhs, rhs):
@@ -291,10 +297,10 @@ def _kernel_grad(s: _Static, lhs, rhs_shape: Sequence[int], rhs_dtype, g):
     k_spatial = [rhs_shape[d] for d in s.dn.rhs_spec[2:]]
     c_in, c_out = rhs_shape[s.dn.rhs_spec[1]], rhs_shape[s.dn.rhs_spec[0]]
     t = _Taps(s, lhs, k_spatial)
-    g2 = _from_out_layout(s, g).reshape(t.rows, c_out)
-    dtype = jnp.result_type(lhs, g)
     if not (t.rows and t.channels):
         return jnp.zeros(rhs_shape, rhs_dtype)
+    g2 = _from_out_layout(s, g).reshape(t.rows, c_out)
+    dtype = jnp.result_type(lhs, g)
     per_tap = [lax.dot_general(t.slice2d(tap).astype(dtype), g2.astype(dtype), (((0,), (0,)), ((), ())),
                                precision=s.precision) for tap in t.taps()]
     w = jnp.stack(per_tap).reshape(*k_spatial, c_in, c_out)

@@ -308,6 +308,8 @@ def _accumulate(batch_fn: Callable, leaves: list[jax.Array], batches: Any, stack
     def flat_x(x):
         return [cast(a) for a in jax.tree_util.tree_leaves(x)]
 
+    options = fastconv.cpu_compiler_options()
+
     if stacked:
         xs, ys = batches
         _check_labels(ys, num_classes)
@@ -317,7 +319,7 @@ def _accumulate(batch_fn: Callable, leaves: list[jax.Array], batches: Any, stack
             xs_flat = [jax.device_put(a, sharding) for a in xs_flat]
             ys = jax.device_put(jnp.asarray(ys), sharding)
 
-        @functools.partial(jax.jit, compiler_options=fastconv.cpu_compiler_options())
+        @functools.partial(jax.jit, compiler_options=options)
         def run(flat, xs_flat, ys):
             def body(acc, batch):
                 x, y = batch
@@ -329,7 +331,6 @@ def _accumulate(batch_fn: Callable, leaves: list[jax.Array], batches: Any, stack
             return acc
         return run(leaves, xs_flat, ys), int(ys.shape[0])
 
-    options = fastconv.cpu_compiler_options()
     step_first = jax.jit(lambda flat, x, y: batch_fn(flat, x, y), compiler_options=options)
     step_add = jax.jit(lambda acc, flat, x, y: jax.tree_util.tree_map(jnp.add, acc, batch_fn(flat, x, y)),
                        donate_argnums=0, compiler_options=options)
