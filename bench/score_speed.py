@@ -1,8 +1,11 @@
 """Time per batch of the importance scores against a plain gradient of the loss, in one process.
 
-For each model: the jitted per-batch function of every method is compiled and run once (warm-up,
-compile time excluded), then timed `--repeats` times with `block_until_ready`; the median is reported
-with its ratio to the plain gradient `jax.grad(loss)` of the same model, measured here too.
+For each model: the jitted per-batch function of every row is compiled and run once (warm-up,
+compile time excluded); then `--repeats` rounds each time every row once with `block_until_ready`.
+Reported: each row's median time, and its ratios to the plain gradient `jax.grad(loss)`, to the
+fast-conv gradient and to `fastoba` as the median over rounds of the per-round ratio. Timing rows in
+rounds rather than one after the other keeps a slow spell of a shared machine (±10–15% here) from
+landing on one row only.
 
 Rows:
   grad          jax.grad of the cross-entropy through the model (native XLA convolutions)
@@ -17,8 +20,8 @@ compiled with `fastconv.cpu_compiler_options()`; the grad rows are a plain `jax.
 
 Memory: `temp MB` is XLA's buffer assignment for the compiled function (`memory_analysis()`:
 temporaries, excluding arguments/outputs); `RSS+ MB` is the growth of the process's peak resident
-set (`resource.getrusage` ru_maxrss) while compiling and running that row (0 when an earlier row
-already reached a higher peak).
+set (`resource.getrusage` ru_maxrss) while compiling that row and running it once (0 when an
+earlier row already reached a higher peak).
 
     python bench/score_speed.py                      # all three models, 3 repeats
     python bench/score_speed.py --models resnet32 --batch 32 --repeats 5
@@ -99,7 +102,9 @@ def _score_fn(method: str, apply, params, x, fast_conv: bool):
     return fn, leaves
 
 
-def _time(fn, args, repeats: int, warmup: bool = True) -> tuple[float, float, float]:
+def _compile(fn, args, warmup: bool):
+    """The compiled function, XLA's temporaries (MB) and the growth of peak RSS (MB) while compiling it
+    and running it once."""
     rss0 = _max_rss_mb()
     compiled = fn.lower(*args).compile()
     try:
@@ -108,23 +113,26 @@ def _time(fn, args, repeats: int, warmup: bool = True) -> tuple[float, float, fl
         temp_mb = float("nan")
     if warmup:  # compile time is already excluded (ahead-of-time compile above)
         jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), temp_mb, max(_max_rss_mb() - rss0, 0.0)
+    return compiled, temp_mb, max(_max_rss_mb() - rss0, 0.0)
+
+
+def _timed(compiled, args) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    return time.perf_counter() - t0
 
 
 def bench_model(name: str, make_spec, batch: int, repeats: int, rows, warmup: bool = True,
                 bn_mode: str = "train") -> list[dict]:
+    """Every row compiled first, then timed in `repeats` rounds of one run per row, so that a slow
+    spell of the machine falls on every row alike (rows are compared round by round)."""
     spec = make_spec()
     h, w, c = models.input_shape(spec)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(batch, h, w, c)), jnp.float32)
     apply, params = _split(spec, bn_mode=bn_mode)
     y = jnp.asarray(rng.integers(0, apply(params, x[:1]).shape[-1], size=batch), jnp.int32)
-    results = []
+    compiled = {}
     saved = os.environ.get("OBA_JAX_FAST_CONV")
     try:
         with jax.default_matmul_precision("highest"):
@@ -136,34 +144,43 @@ def bench_model(name: str, make_spec, batch: int, repeats: int, rows, warmup: bo
                     method = "oba" if row.startswith("oba") else row
                     fn, leaves = _score_fn(method, apply, params, x, fast_conv=row != "oba-nativeconv")
                     args = (leaves, x, y)
-                t, temp_mb, rss_mb = _time(fn, args, repeats, warmup)
-                results.append(dict(model=name, batch=batch, row=row, seconds=t, temp_mb=temp_mb, rss_mb=rss_mb))
-                print(f"  [{name} b{batch}] {row}: {t:.3f} s", file=sys.stderr, flush=True)
+                compiled[row] = (*_compile(fn, args, warmup), args)
     finally:
         if saved is None:
             os.environ.pop("OBA_JAX_FAST_CONV", None)
         else:
             os.environ["OBA_JAX_FAST_CONV"] = saved
-    return results
+    times: dict[str, list[float]] = {row: [] for row in rows}
+    for k in range(repeats):
+        for row in rows:
+            fn, _, _, args = compiled[row]
+            times[row].append(_timed(fn, args))
+        print(f"  [{name} b{batch}] round {k + 1}/{repeats}: "
+              + ", ".join(f"{row} {times[row][-1]:.3f} s" for row in rows), file=sys.stderr, flush=True)
+    return [dict(model=name, batch=batch, row=row, seconds=statistics.median(times[row]), times=times[row],
+                 temp_mb=compiled[row][1], rss_mb=compiled[row][2]) for row in rows]
+
+
+def _round_ratio(a: dict, b: dict) -> float:
+    """Median over rounds of a's time / b's time in the same round."""
+    return statistics.median(ta / tb for ta, tb in zip(a["times"], b["times"]))
 
 
 def print_table(results: list[dict]) -> None:
-    print("| model, batch | method | s / batch | × grad | × grad+fastconv | temp MB | RSS+ MB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model, batch | method | s / batch | × grad | × grad+fastconv | × fastoba (per round) | temp MB | RSS+ MB |")
+    print("|---|---|---|---|---|---|---|---|")
     by_model: dict[tuple, dict] = {}
     for r in results:
         by_model.setdefault((r["model"], r["batch"]), {})[r["row"]] = r
     for (name, batch), rows in by_model.items():
-        g = rows.get("grad", {}).get("seconds")
-        gf = rows.get("grad+fastconv", {}).get("seconds")
+        g, gf, fo = rows.get("grad"), rows.get("grad+fastconv"), rows.get("fastoba")
         for row, r in rows.items():
-            ratio = f"{r['seconds'] / g:.2f}" if g else "–"
-            ratio_f = f"{r['seconds'] / gf:.2f}" if gf else "–"
-            print(f"| {name}, {batch} | {row} | {r['seconds']:.3f} | {ratio} | {ratio_f} | "
+            ratios = [f"{_round_ratio(r, base):.2f}" if base else "–" for base in (g, gf, fo)]
+            print(f"| {name}, {batch} | {row} | {r['seconds']:.3f} | {' | '.join(ratios)} | "
                   f"{r['temp_mb']:.0f} | {r['rss_mb']:.0f} |")
         if name in AUTHORS and AUTHORS[name][2] == batch:
             fb, oba, _ = AUTHORS[name]
-            print(f"| {name}, {batch} | authors (torch, §10): fwd+bwd / OBA | {fb} / {oba} | {oba / fb:.1f} | – | – | – |")
+            print(f"| {name}, {batch} | authors (torch, §10): fwd+bwd / OBA | {fb} / {oba} | {oba / fb:.1f} | – | – | – | – |")
 
 
 def main(argv=None) -> None:
@@ -187,7 +204,7 @@ def main(argv=None) -> None:
     if bad:
         ap.error(f"unknown rows/models: {bad}")
     print(f"# jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPU cores, "
-          f"{platform.processor() or platform.machine()}; median of {repeats} runs"
+          f"{platform.processor() or platform.machine()}; median of {repeats} rounds"
           f"{'' if args.no_warmup else ' after one warm-up run'} (compile excluded); "
           f"float32, matmul precision 'highest', BatchNorm in {args.bn_mode} mode")
     results = []

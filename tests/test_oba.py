@@ -136,6 +136,27 @@ def test_attention_block_matches_linearised_dense_hessian(x64):
     par = _flat(r.parts["parallel"])
     assert np.abs(par).max() > 1e-3 * np.abs(oracle).max()        # attention products matter
     _assert_rel(_flat(r.parts["upward"]) + _flat(r.parts["downward"]) + par, oracle, 1e-8)
+    # Without parts the score takes the other construction (reverse over a written-out tangent).
+    _assert_rel(_flat(score(_attention, params, [(x, y)], dtype=jnp.float64).sum), oracle, 1e-8)
+
+
+def test_written_out_tangent_is_the_networks_directional_derivative(x64):
+    """The surrogate shares the network's value and first derivative, so the tangent the default
+    construction writes out must equal `jax.jvp` of the real network in the direction θ (layers only)."""
+    from oba_jax.graph import analyse, leaf_paths, trace_program
+    from oba_jax.surrogate import evaluate_with_tangent
+    params = _attention_params(seed=11)
+    x, _ = _data(12, (3, 5, 4), 3)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    paths = leaf_paths(params)
+    analysis = analyse(trace_program(_attention, params, x), paths)
+    theta = tuple(sorted(analysis.theta))
+    assert {paths[i] for i in theta} == {p for p in paths if not p.startswith("ln/")}
+    z, tz = evaluate_with_tangent(analysis, leaves, [x], theta)
+    direction = [l if i in theta else jnp.zeros_like(l) for i, l in enumerate(leaves)]
+    z_ref, tz_ref = jax.jvp(lambda p: _attention(p, x), (params,), (jax.tree_util.tree_unflatten(treedef, direction),))
+    np.testing.assert_allclose(z, z_ref, rtol=1e-12, atol=1e-12)
+    _assert_rel(tz, np.asarray(tz_ref), 1e-12)
 
 
 def test_gated_mlp_parallel_part_matches_dense_hessian(x64):
@@ -145,7 +166,9 @@ def test_gated_mlp_parallel_part_matches_dense_hessian(x64):
     surrogate = lambda p, x: (silu_lin(x @ p["gate"]["kernel"] + p["gate"]["bias"])
                               * (x @ p["up"]["kernel"] + p["up"]["bias"])) @ p["down"]["kernel"] + p["down"]["bias"]
     r = score(gated_apply, params, [(x, y)], dtype=jnp.float64, parts=True)
-    _assert_rel(_flat(r.sum), _linearised_oracle(surrogate, params, x, y), 1e-8)
+    oracle = _linearised_oracle(surrogate, params, x, y)
+    _assert_rel(_flat(r.sum), oracle, 1e-8)
+    _assert_rel(_flat(score(gated_apply, params, [(x, y)], dtype=jnp.float64).sum), oracle, 1e-8)
     assert np.abs(_flat(r.parts["parallel"])).max() > 0
 
 

@@ -41,6 +41,10 @@ def test_resnet20_bn_train_total_upward_and_channel_sums(x64):
     assert np.allclose(T.resnet20(p, x), d["logits64"], atol=1e-10)
     r = score(T.resnet20, p, [(x, y)], dtype=jnp.float64, parts=True)
     up, total = r.by_path("upward"), r.by_path("sum")
+    # The default construction (no parts: one reverse pass over a written-out tangent) agrees.
+    plain = score(T.resnet20, p, [(x, y)], dtype=jnp.float64).by_path("sum")
+    for k in total:
+        assert _rel(plain[k], total[k]) < 1e-9, k
     convs = [k[len("su64/"):] for k in d.files if k.startswith("su64/") and not k.startswith("su64/fc")]
     assert len(convs) == 21
     global_max = max(np.abs(d[f"s64/{c}"]).max() for c in convs)
@@ -72,5 +76,8 @@ def test_vit_upward_matches_when_attention_projections_are_held_fixed(x64):
             assert _rel(up[key[5:]], d[key]) < 1e-10, key
             compared += 1
     assert compared == 10
+    plain = score(T.vit, p, [(x, y)], dtype=jnp.float64, exclude=attention).by_path("sum")
+    for k, v in r.by_path("sum").items():
+        assert _rel(plain[k], v) < 1e-9, k
     assert len(r.graph.parallel) == 4      # QKᵀ and AV in both layers, from one fused in_proj
 
