@@ -118,17 +118,19 @@ def _oba_total(setup: _Setup, flat: Sequence[Any], x: Sequence[Any], labels: jax
     theta = [flat[i] for i in setup.theta_idx]
 
     def objectives(th):
+        """`⟨∇L̃, sg(θ)⟩` and the linearised loss `Σ sg(∂ℓ/∂z)·z` (whose gradient is g)."""
         z, tz = evaluate_with_tangent(setup.analysis, _replace(flat, setup.theta_idx, th), x, setup.theta_idx)
         gz = jax.lax.stop_gradient(jax.grad(setup.loss)(jax.lax.stop_gradient(z), labels))
-        return jnp.sum(gz * z), jnp.sum(gz * tz)
+        return jnp.sum(gz * tz), jnp.sum(gz * z)
 
-    (loss_lin, directional), pullback = jax.vjp(objectives, theta)
-    (hv,) = pullback((jnp.zeros_like(loss_lin), jnp.ones_like(directional)))
-    total = [t * h for t, h in zip(theta, hv)]
-    if setup.first_order:
-        (g,) = pullback((jnp.ones_like(loss_lin), jnp.zeros_like(directional)))
-        total = [s - t * gi for s, t, gi in zip(total, theta, g)]
-    return {"total": total}
+    if not setup.first_order:
+        hv = jax.grad(lambda th: objectives(th)[0])(theta)
+        return {"total": [t * h for t, h in zip(theta, hv)]}
+    (directional, loss_lin), pullback = jax.vjp(objectives, theta)
+    (hv,) = pullback((jnp.ones_like(directional), jnp.zeros_like(loss_lin)))
+    (g,) = pullback((jnp.zeros_like(directional), jnp.ones_like(loss_lin)))
+    # Removing θ_i is the step δθ_i = −θ_i: the first-order change of the loss is −θ_i·g_i.
+    return {"total": [t * h - t * gi for t, h, gi in zip(theta, hv, g)]}
 
 
 def _oba_batch(setup: _Setup, flat: Sequence[Any], x: Sequence[Any], labels: jax.Array) -> dict[str, list]:
