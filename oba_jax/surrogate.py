@@ -66,16 +66,10 @@ def _linearised(eqn: jcore.JaxprEqn, args: list[Any], deps: list[bool]) -> list[
         if not live:
             return out, [jnp.zeros_like(o) if jnp.issubdtype(o.dtype, jnp.inexact) else
                          np.zeros(o.shape, jax.dtypes.float0) for o in out]
-        point = [jax.lax.stop_gradient(p) for p in primals]
-
-        def phi_live(*live_args):
-            d = list(point)
-            for k, a in zip(live, live_args):
-                d[k] = a
-            return _bind(eqn, full(d))
-
-        _, tangent = jax.jvp(phi_live, [point[k] for k in live], [tangents[k] for k in live])
-        return out, tangent
+        moving = [None] * len(args)
+        for k in live:
+            moving[dyn[k]] = tangents[k]
+        return out, _jvp_at(eqn, full([jax.lax.stop_gradient(p) for p in primals]), moving)[1]
 
     return list(frozen(*[args[i] for i in dyn]))
 
