@@ -18,6 +18,9 @@ Rows:
 The score rows run as `score` runs them: on CPU with the fast conv (unless OBA_JAX_FAST_CONV=0) and
 compiled with `fastconv.cpu_compiler_options()`; the grad rows are a plain `jax.jit(jax.grad(...))`.
 
+Work: `GFLOP` and `GB moved` are XLA's cost analysis of the compiled function (`cost_analysis()`:
+"flops" and "bytes accessed"), a count that does not depend on how busy the machine is.
+
 Memory: `temp MB` is XLA's buffer assignment for the compiled function (`memory_analysis()`:
 temporaries, excluding arguments/outputs); `RSS+ MB` is the growth of the process's peak resident
 set (`resource.getrusage` ru_maxrss) while compiling that row and running it once (0 when an
@@ -106,18 +109,31 @@ def _score_fn(method: str, apply, params, x, fast_conv: bool):
     return fn, leaves
 
 
-def _compile(fn, args, warmup: bool):
-    """The compiled function, XLA's temporaries (MB) and the growth of peak RSS (MB) while compiling it
-    and running it once."""
+def _cost(compiled) -> tuple[float, float]:
+    """XLA's count of the compiled function's floating-point operations (G) and bytes accessed (GB)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # cost analysis is not available on every backend
+        return float("nan"), float("nan")
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    cost = cost or {}
+    return cost.get("flops", float("nan")) / 1e9, cost.get("bytes accessed", float("nan")) / 1e9
+
+
+def _compile(fn, args, warmup: bool) -> dict:
+    """The compiled function, its XLA cost, XLA's temporaries (MB) and the growth of peak RSS (MB)
+    while compiling it and running it once."""
     rss0 = _max_rss_mb()
     compiled = fn.lower(*args).compile()
     try:
         temp_mb = compiled.memory_analysis().temp_size_in_bytes / 2**20
     except Exception:  # memory_analysis is not available on every backend
         temp_mb = float("nan")
+    gflop, gbytes = _cost(compiled)
     if warmup:  # compile time is already excluded (ahead-of-time compile above)
         jax.block_until_ready(compiled(*args))
-    return compiled, temp_mb, max(_max_rss_mb() - rss0, 0.0)
+    return dict(fn=compiled, args=args, gflop=gflop, gbytes=gbytes, temp_mb=temp_mb,
+                rss_mb=max(_max_rss_mb() - rss0, 0.0))
 
 
 def _timed(compiled, args) -> float:
@@ -148,7 +164,7 @@ def bench_model(name: str, make_spec, batch: int, repeats: int, rows, warmup: bo
                     method = "oba" if row.startswith("oba") else row
                     fn, leaves = _score_fn(method, apply, params, x, fast_conv=row != "oba-nativeconv")
                     args = (leaves, x, y)
-                compiled[row] = (*_compile(fn, args, warmup), args)
+                compiled[row] = _compile(fn, args, warmup)
     finally:
         if saved is None:
             os.environ.pop("OBA_JAX_FAST_CONV", None)
@@ -157,12 +173,11 @@ def bench_model(name: str, make_spec, batch: int, repeats: int, rows, warmup: bo
     times: dict[str, list[float]] = {row: [] for row in rows}
     for k in range(repeats):
         for row in rows:
-            fn, _, _, args = compiled[row]
-            times[row].append(_timed(fn, args))
+            times[row].append(_timed(compiled[row]["fn"], compiled[row]["args"]))
         print(f"  [{name} b{batch}] round {k + 1}/{repeats}: "
               + ", ".join(f"{row} {times[row][-1]:.3f} s" for row in rows), file=sys.stderr, flush=True)
     return [dict(model=name, batch=batch, row=row, seconds=statistics.median(times[row]), times=times[row],
-                 temp_mb=compiled[row][1], rss_mb=compiled[row][2]) for row in rows]
+                 **{k: compiled[row][k] for k in ("gflop", "gbytes", "temp_mb", "rss_mb")}) for row in rows]
 
 
 def _round_ratio(a: dict, b: dict) -> float:
@@ -171,8 +186,9 @@ def _round_ratio(a: dict, b: dict) -> float:
 
 
 def print_table(results: list[dict]) -> None:
-    print("| model, batch | method | s / batch | × grad | × grad+fastconv | × fastoba (per round) | temp MB | RSS+ MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model, batch | method | s / batch | × grad | × grad+fastconv | × fastoba (per round) | GFLOP | GB moved "
+          "| temp MB | RSS+ MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     by_model: dict[tuple, dict] = {}
     for r in results:
         by_model.setdefault((r["model"], r["batch"]), {})[r["row"]] = r
@@ -180,11 +196,11 @@ def print_table(results: list[dict]) -> None:
         g, gf, fo = rows.get("grad"), rows.get("grad+fastconv"), rows.get("fastoba")
         for row, r in rows.items():
             ratios = [f"{_round_ratio(r, base):.2f}" if base else "–" for base in (g, gf, fo)]
-            print(f"| {name}, {batch} | {row} | {r['seconds']:.3f} | {' | '.join(ratios)} | "
-                  f"{r['temp_mb']:.0f} | {r['rss_mb']:.0f} |")
+            print(f"| {name}, {batch} | {row} | {r['seconds']:.3f} | {' | '.join(ratios)} | {r['gflop']:.1f} | "
+                  f"{r['gbytes']:.1f} | {r['temp_mb']:.0f} | {r['rss_mb']:.0f} |")
         if name in AUTHORS and AUTHORS[name][2] == batch:
             fb, oba, _ = AUTHORS[name]
-            print(f"| {name}, {batch} | authors (torch, §10): fwd+bwd / OBA | {fb} / {oba} | {oba / fb:.1f} | – | – | – | – |")
+            print(f"| {name}, {batch} | authors (torch, §10): fwd+bwd / OBA | {fb} / {oba} | {oba / fb:.1f} | – | – | – | – | – | – |")
 
 
 def main(argv=None) -> None:
