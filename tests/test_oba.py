@@ -159,6 +159,38 @@ def test_written_out_tangent_is_the_networks_directional_derivative(x64):
     _assert_rel(tz, np.asarray(tz_ref), 1e-12)
 
 
+@pytest.mark.parametrize("missing", [None, "t_a", "t_b"])
+@pytest.mark.parametrize("zero_c", [False, True])
+def test_dense_pair_backward_is_the_products_vjp(x64, missing, zero_c):
+    """The written-out backward of a dense layer's (value, tangent) pair against `jax.vjp` of the plain
+    products, with a tangent absent (zero) and with a symbolically zero cotangent of the value."""
+    from oba_jax.surrogate import _dense_pair
+    rng = np.random.default_rng(21)
+    a, t_a = rng.normal(size=(2, 2, 3, 4))
+    b, t_b = rng.normal(size=(2, 4, 5))
+    c, g = rng.normal(size=(2, 2, 3, 5))
+    eqn = jax.make_jaxpr(lambda a, b: a @ b)(a, b).jaxpr.eqns[0]
+    present = {"t_a": missing != "t_a", "t_b": missing != "t_b"}
+
+    def plain(a, b, t_a, t_b):
+        t = (t_a @ b if present["t_a"] else 0) + (a @ t_b if present["t_b"] else 0)
+        return a @ b, t
+
+    def written(a, b, t_a, t_b):
+        y, t_y = _dense_pair(eqn, a, b, t_a if present["t_a"] else None, t_b if present["t_b"] else None)
+        return y[0], t_y[0]
+
+    for f in (plain, written):
+        out = f(a, b, t_a, t_b)
+        np.testing.assert_allclose(out[0], a @ b, rtol=1e-13)
+    pick = (lambda f: lambda *p: f(*p)[1]) if zero_c else (lambda f: f)
+    cts = g if zero_c else (c, g)
+    ref = jax.vjp(pick(plain), a, b, t_a, t_b)[1](cts)
+    got = jax.vjp(pick(written), a, b, t_a, t_b)[1](cts)
+    for name, r, v in zip(("a", "b", "t_a", "t_b"), ref, got):
+        np.testing.assert_allclose(v, r, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
 def test_gated_mlp_parallel_part_matches_dense_hessian(x64):
     params = gated_params(seed=7)
     x, y = _data(8, (5, 6), 3)
