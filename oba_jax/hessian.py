@@ -117,14 +117,16 @@ def _oba_total(setup: _Setup, flat: Sequence[Any], x: Sequence[Any], labels: jax
     """`θ ⊙ H̃θ` as the gradient of `⟨∇L̃(θ), sg(θ)⟩`, the tangent written out (reverse over forward)."""
     theta = [flat[i] for i in setup.theta_idx]
 
-    def objectives(th):
+    def objectives(th, chain=False):
         """`⟨∇L̃, sg(θ)⟩` and the linearised loss `Σ sg(∂ℓ/∂z)·z` (whose gradient is g)."""
-        z, tz = evaluate_with_tangent(setup.analysis, _replace(flat, setup.theta_idx, th), x, setup.theta_idx)
+        z, tz = evaluate_with_tangent(setup.analysis, _replace(flat, setup.theta_idx, th), x, setup.theta_idx,
+                                      chain=chain)
         gz = jax.lax.stop_gradient(jax.grad(setup.loss)(jax.lax.stop_gradient(z), labels))
         return jnp.sum(gz * tz), jnp.sum(gz * z)
 
     if not setup.first_order:
-        hv = jax.grad(lambda th: objectives(th)[0])(theta)
+        # g is not needed: on a chain network the logits may lose their gradient (`oba_jax.chain`).
+        hv = jax.grad(lambda th: objectives(th, chain=True)[0])(theta)
         return {"total": [t * h for t, h in zip(theta, hv)]}
     (directional, loss_lin), pullback = jax.vjp(objectives, theta)
     (hv,) = pullback((jnp.ones_like(directional), jnp.zeros_like(loss_lin)))

@@ -26,6 +26,7 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 from jax.extend import core as jcore
 
+from oba_jax.chain import layer_depths
 from oba_jax.fastconv import bind_conv_eqn, eqn_supported, use_fast_conv
 from oba_jax.graph import Role, _Analysis, _open, _sub_jaxpr
 
@@ -175,8 +176,9 @@ class _TangentEvaluator:
     primals' first derivatives, where the surrogate and the network agree.
     """
 
-    def __init__(self, analysis: _Analysis):
+    def __init__(self, analysis: _Analysis, depths: dict[tuple[int, ...], int] | None = None):
         self.a = analysis
+        self.depths = depths or {}
 
     def run(self, jaxpr: jcore.Jaxpr, consts: list[Any], args: list[Any], tangents: list[Any],
             ctx: tuple[int, ...]) -> tuple[list[Any], list[Any]]:
@@ -203,6 +205,8 @@ class _TangentEvaluator:
                 # shares with the network: φ itself will do. The tangent `φ'(sg(u))·t` is the frozen one.
                 outs = _bind(eqn, ins)
                 t_outs = _jvp_at(eqn, [jax.lax.stop_gradient(a) for a in ins], t_ins)[1]
+            elif role is Role.LAYER and key in self.depths:
+                outs, t_outs = self._chain_layer(eqn, ins, t_ins, key)
             elif role is Role.LAYER and _is_dense(eqn):
                 outs, t_outs = _dense_pair(eqn, *ins, *t_ins)
             elif role is Role.LAYER:
@@ -215,6 +219,8 @@ class _TangentEvaluator:
             elif role is Role.PARALLEL:
                 outs = _bind(eqn, ins)
                 t_outs = [_bilinear_tangent(_bind, eqn, ins, t_ins)]
+            elif key in self.depths:
+                outs, t_outs = _chain_bias(eqn, ins, t_ins, self.depths[key])
             else:
                 outs, t_outs = _jvp_at(eqn, ins, t_ins)
             t_outs = t_outs or [None] * len(outs)
@@ -228,6 +234,42 @@ class _TangentEvaluator:
         sub_jaxpr, sub_consts = _open(_sub_jaxpr(eqn))
         n = len(sub_jaxpr.invars)
         return self.run(sub_jaxpr, sub_consts, ins[len(ins) - n:], t_ins[len(t_ins) - n:], key)
+
+    def _chain_layer(self, eqn: jcore.JaxprEqn, ins: list[Any], t_ins: list[Any],
+                     key: tuple[int, ...]) -> tuple[list[Any], list[Any]]:
+        """A layer of a chain network (`oba_jax.chain`), k perturbed layers below its output: the value
+        `y = W ⊛ x` without gradient (no `c` chain), the tangent `W ⊛ (t_x + k·x) + (1 − k)·y`, whose
+        value is `W ⊛ t_x + y` and whose kernel gradient `(t_x + k·x) ⋆ g` includes the primal path's."""
+        w = self.a.weight_position[key]
+        x, weight, t_x, t_w = ins[1 - w], ins[w], t_ins[1 - w], t_ins[w]
+        operands = lambda act: [act, weight] if w == 1 else [weight, act]
+        bind = _conv_binding(eqn)
+        y = jax.lax.stop_gradient(bind(eqn, operands(x))[0])
+        if t_w is None:  # a layer held fixed (`exclude=`): no θ_W ⊛ x term, no kernel gradient
+            return [y], [bind(eqn, operands(t_x))[0]]
+        k = self.depths[key]
+        moved = t_x if k == 0 else k * x if t_x is None else t_x + k * x
+        if moved is None:  # the first layer of a one-layer network: no second-order term
+            return [y], [y]
+        if _is_dense(eqn):
+            t_y = _dense_pair(eqn, *operands(moved), None, None)[0][0]
+        else:
+            t_y = bind(eqn, operands(moved))[0]
+        if k != 1:
+            t_y = t_y + (1 - k) * y
+        if eqn.primitive.name == "conv_general_dilated":
+            y = _after(y, t_y)
+        return [y], [t_y]
+
+
+def _chain_bias(eqn: jcore.JaxprEqn, ins: list[Any], t_ins: list[Any], k: int) -> tuple[list[Any], list[Any]]:
+    """A layer's bias add in a chain network: the value without gradient and the tangent plus
+    `k·(y − sg(y))` (zero), whose gradient adds the primal path's `k·Σg` to the bias."""
+    y = _bind(eqn, ins)[0]
+    t_y = _jvp_at(eqn, ins, t_ins)[1][0]
+    if k:
+        t_y = t_y + k * (y - jax.lax.stop_gradient(y))
+    return [jax.lax.stop_gradient(y)], [t_y]
 
 
 def _is_dense(eqn: jcore.JaxprEqn) -> bool:
@@ -314,17 +356,20 @@ def _jvp_at(eqn: jcore.JaxprEqn, point: list[Any], t_ins: list[Any]) -> tuple[li
 
 
 def evaluate_with_tangent(analysis: _Analysis, flat_params: Sequence[Any], flat_inputs: Sequence[Any],
-                          theta_idx: Sequence[int]) -> tuple[Any, Any]:
+                          theta_idx: Sequence[int], *, chain: bool = False) -> tuple[Any, Any]:
     """Logits of the surrogate network and their tangent in the direction `sg(θ)` on `theta_idx`.
 
     `⟨sg(∂ℓ/∂z), tangent⟩` is `⟨∇L̃(θ), sg(θ)⟩`; its gradient with respect to θ is OBA's `H̃θ`, taken in
     reverse mode only (so the CPU fast conv's reverse-mode kernel gradient applies throughout).
+    `chain=True`: if the program is a chain network (`oba_jax.chain`), the logits carry no gradient and
+    the tangent's gradient is still `H̃θ`, without the primal activations' reverse chain.
     """
     closed = analysis.program.closed
     theta = set(theta_idx)
     tangents = [jax.lax.stop_gradient(p) if i in theta else None for i, p in enumerate(flat_params)]
     tangents += [None] * len(flat_inputs)
-    (out,), (t_out,) = _TangentEvaluator(analysis).run(
+    depths = layer_depths(analysis, theta_idx) if chain else None
+    (out,), (t_out,) = _TangentEvaluator(analysis, depths).run(
         closed.jaxpr, list(closed.consts), [*flat_params, *flat_inputs], tangents, ())
     return out, t_out
 
