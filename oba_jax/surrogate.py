@@ -265,8 +265,7 @@ class _TangentEvaluator:
 def _chain_bias(eqn: jcore.JaxprEqn, ins: list[Any], t_ins: list[Any], k: int) -> tuple[list[Any], list[Any]]:
     """A layer's bias add in a chain network: the value without gradient and the tangent plus
     `k·(y − sg(y))` (zero), whose gradient adds the primal path's `k·Σg` to the bias."""
-    y = _bind(eqn, ins)[0]
-    t_y = _jvp_at(eqn, ins, t_ins)[1][0]
+    (y,), (t_y,) = _jvp_at(eqn, ins, t_ins)
     if k:
         t_y = t_y + k * (y - jax.lax.stop_gradient(y))
     return [jax.lax.stop_gradient(y)], [t_y]
@@ -339,7 +338,7 @@ def _bilinear_tangent(bind, eqn: jcore.JaxprEqn, ins: list[Any], t_ins: list[Any
             args = list(ins)
             args[k] = t
             terms.append(bind(eqn, args)[0])
-    return functools.reduce(jnp.add, terms)
+    return _sum(*terms)
 
 
 def _jvp_at(eqn: jcore.JaxprEqn, point: list[Any], t_ins: list[Any]) -> tuple[list[Any], list[Any]]:
