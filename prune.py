@@ -16,6 +16,8 @@ import time
 
 import numpy as np
 
+from oba_jax.scores.importance import METHODS
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prune.py", description=__doc__,
@@ -23,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("score", help="importance scores of a trained checkpoint")
     s.add_argument("--checkpoint", required=True, help="train.py workdir (or its checkpoints/ or a step dir)")
-    s.add_argument("--method", default="oba", choices=("oba", "fastoba", "taylor", "magnitude", "random"))
+    s.add_argument("--method", default="oba", choices=METHODS)
     s.add_argument("--num-batches", type=int, default=20)
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--bn-mode", default="train", choices=("train", "eval"))
@@ -44,7 +46,7 @@ def _fail(message: str, code: int) -> None:
 def _score_batches(dataset, num_batches: int, batch_size: int, seed: int):
     """Normalised training batches (no augmentation), a deterministic sample of the training set."""
     import jax.numpy as jnp
-    from oba_jax.data import preprocess_batch
+    from oba_jax.experiment.data import preprocess_batch
 
     n = num_batches * batch_size
     if n > len(dataset.train_labels):
@@ -86,11 +88,14 @@ def score_command(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     import oba_jax
-    from oba_jax.checkpoint import restore_model
-    from oba_jax.data import DatasetNotFoundError, load_dataset
+    from oba_jax.experiment.checkpoint import restore_model
+    from oba_jax.experiment.data import DatasetNotFoundError, load_dataset
 
     if args.num_batches < 1 or args.batch_size < 1:
         _fail("--num-batches and --batch-size must be positive", 2)
+    oba_options = {"parts": args.parts, "first_order": args.first_order}
+    if args.method != "oba" and any(oba_options.values()):
+        _fail(f"--parts and --first-order are options of --method oba, not of {args.method}", 2)
     try:
         model, meta = restore_model(args.checkpoint)
     except (FileNotFoundError, ValueError) as err:
@@ -109,9 +114,9 @@ def score_command(args: argparse.Namespace) -> dict:
     batches = tqdm(_score_batches(dataset, args.num_batches, args.batch_size, args.seed),
                    total=args.num_batches, desc=f"{args.method} scores", unit="batch", file=sys.stderr)
     start = time.perf_counter()
-    result = oba_jax.score_model(model, batches, args.method, bn_mode=args.bn_mode, parts=args.parts,
-                                 first_order=args.first_order,
-                                 dtype=jnp.float64 if args.dtype == "float64" else None)
+    result = oba_jax.score_model(model, batches, args.method, bn_mode=args.bn_mode,
+                                 dtype=jnp.float64 if args.dtype == "float64" else None,
+                                 **(oba_options if args.method == "oba" else {}))
     seconds = time.perf_counter() - start
 
     os.makedirs(out, exist_ok=True)
@@ -127,7 +132,8 @@ def score_command(args: argparse.Namespace) -> dict:
     if result.graph is not None:
         channels = oba_jax.channel_scores(result)
         np.savez(os.path.join(out, "channel_scores.npz"),
-                 **{f"out/{k}": v.out for k, v in channels.items()}, **{f"in/{k}": v.in_ for k, v in channels.items()})
+                 **{f"out/{k}": v.outputs for k, v in channels.items()},
+                 **{f"in/{k}": v.inputs for k, v in channels.items()})
         with open(os.path.join(out, "graph.txt"), "w") as f:
             f.write(result.graph.summary() + "\n")
         with open(os.path.join(out, "graph.dot"), "w") as f:

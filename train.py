@@ -16,7 +16,7 @@ import time
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
     """``(--config, --workdir, ...)`` plus the ``--config.key=value`` overrides in order."""
-    from oba_jax.config_lib import split_override_args
+    from oba_jax.experiment.config import split_override_args
 
     rest, overrides = split_override_args(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -45,7 +45,7 @@ def result_table(config, metrics: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from oba_jax import config_lib
+    from oba_jax.experiment import config as config_lib
 
     try:
         args, overrides = parse_args(argv)
@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
         for key, text in overrides:
             config_lib.apply_override(config, key, text)
         # Multi-host must initialise before anything asks jax about devices.
-        from oba_jax import train_lib
+        from oba_jax.experiment import training as train_lib
         train_lib.maybe_initialize_distributed(config)
         config_lib.validate_config(config)
         config.lock()
@@ -61,8 +61,8 @@ def main(argv: list[str]) -> int:
         print(f"train.py: invalid configuration: {e}", file=sys.stderr)
         return 2
 
-    from oba_jax.checkpoint import CheckpointMismatchError
-    from oba_jax.data import DatasetNotFoundError
+    from oba_jax.experiment.checkpoint import CheckpointMismatchError
+    from oba_jax.experiment.data import DatasetNotFoundError
     try:
         metrics = train_lib.train_and_evaluate(config, args.workdir)
     except DatasetNotFoundError as e:

@@ -49,9 +49,8 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import models  # noqa: E402
-from oba_jax import fastconv  # noqa: E402
-from oba_jax import hessian  # noqa: E402
-from oba_jax.graph import _check_param_leaves, analyse, leaf_paths, trace_program  # noqa: E402
+import oba_jax  # noqa: E402
+from oba_jax import fastconv, nnx_model  # noqa: E402
 
 # The released implementation's cost (OBA_SPEC.md §10: 2-core CPU, torch CPU): fwd+bwd, OBA.
 AUTHORS = {"resnet32": (9.98, 193.1, 128), "vgg19": (1.55, 13.7, 64)}
@@ -81,32 +80,21 @@ def _split(spec, fast_conv_modules: bool = False, bn_mode: str = "train"):
             if isinstance(m, nnx.Conv):
                 m.conv_general_dilated = fastconv.conv_general_dilated_fast
     model.train() if bn_mode == "train" else model.eval()
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    apply = lambda p, x: nnx.merge(graphdef, p["params"], p["rest"])(x)
-    return apply, {"params": params, "rest": rest}
+    graphdef, state = nnx_model.split(model)
+    return (lambda s, x: nnx_model.merge(graphdef, s)(x)), state
 
 
 def _grad_fn(apply):
     def f(p, x, y):
-        return jax.grad(lambda q: hessian.softmax_cross_entropy(apply(q, x), y))(p)
+        return jax.grad(lambda q: oba_jax.softmax_cross_entropy(apply(q, x), y))(p)
     return jax.jit(f)
 
 
 def _score_fn(method: str, apply, params, x, fast_conv: bool):
     """The jitted per-batch function `score(apply, params, ..., method)` scans over batches."""
     os.environ["OBA_JAX_FAST_CONV"] = "1" if fast_conv else "0"  # read while tracing
-    leaves = _check_param_leaves(params)
-    program = trace_program(apply, params, x)
-    analysis = analyse(program, leaf_paths(params)) if method == "oba" else None
-    float_idx = tuple(i for i, a in enumerate(leaves) if jnp.issubdtype(a.dtype, jnp.inexact))
-    theta_idx = tuple(sorted(analysis.theta)) if analysis is not None else float_idx
-    setup = hessian._Setup(analysis=analysis, theta_idx=theta_idx, float_idx=float_idx,
-                           loss=hessian.softmax_cross_entropy, parts=False, first_order=False,
-                           deltas=(1.0, 1.0, 1.0))
-    batch_fn = hessian._batch_function(method, setup, program)
-    # Compiled as `score` compiles it (on CPU with XLA's memory-optimising scheduler).
-    fn = jax.jit(lambda flat, x, y: batch_fn(flat, [x], y), compiler_options=fastconv.cpu_compiler_options())
-    return fn, leaves
+    fn = oba_jax.scorer(apply, params, x, method).per_batch(x)
+    return fn, jax.tree_util.tree_leaves(params)
 
 
 def _cost(compiled) -> tuple[float, float]:
@@ -163,7 +151,7 @@ def bench_model(name: str, make_spec, batch: int, repeats: int, rows, warmup: bo
                 else:
                     method = "oba" if row.startswith("oba") else row
                     fn, leaves = _score_fn(method, apply, params, x, fast_conv=row != "oba-nativeconv")
-                    args = (leaves, x, y)
+                    args = (leaves, [x], y)
                 compiled[row] = _compile(fn, args, warmup)
     finally:
         if saved is None:

@@ -1,6 +1,6 @@
 """VGG-19-BN on CIFAR100 with the paper's pretraining recipe (OBA_SPEC.md §8)."""
 
-from oba_jax.config_lib import cifar_pretraining_recipe, default_sections
+from oba_jax.experiment.config import cifar_pretraining_recipe, default_sections
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """Wide ResNet-32 (stage widths 64/128/256) on CIFAR10 with the paper's pretraining recipe (OBA_SPEC.md §8)."""
 
-from oba_jax.config_lib import cifar_pretraining_recipe, default_sections
+from oba_jax.experiment.config import cifar_pretraining_recipe, default_sections
 
 
 def get_config():

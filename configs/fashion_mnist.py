@@ -3,7 +3,7 @@
     python train.py --config configs/fashion_mnist.py --workdir runs/fashion_mnist
 """
 
-from oba_jax.config_lib import default_sections
+from oba_jax.experiment.config import default_sections
 
 
 def get_config():

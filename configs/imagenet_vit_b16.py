@@ -1,6 +1,6 @@
 """ViT-B/16 on ImageNet-1k with the paper's fine-tuning recipe (OBA_SPEC.md §8)."""
 
-from oba_jax.config_lib import default_sections, imagenet_finetune_recipe
+from oba_jax.experiment.config import default_sections, imagenet_finetune_recipe
 
 
 def get_config():

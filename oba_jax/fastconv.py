@@ -38,10 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.extend import core as jcore
 
-__all__ = ["bind_conv_eqn", "conv_general_dilated_fast", "conv_general_dilated_forward", "cpu_compiler_options",
-           "eqn_supported", "eval_jaxpr", "is_supported", "use_fast_conv"]
+__all__ = ["conv_general_dilated_fast", "conv_general_dilated_forward", "cpu_compiler_options", "is_supported",
+           "takes_matmul_forward", "use_fast_conv"]
 
 
 def use_fast_conv() -> bool:
@@ -62,60 +61,6 @@ def cpu_compiler_options() -> dict[str, Any] | None:
     if jax.default_backend() != "cpu":
         return None
     return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
-
-
-_CONV_KWARGS = ("window_strides", "padding", "lhs_dilation", "rhs_dilation", "dimension_numbers",
-                "feature_group_count", "batch_group_count", "precision", "preferred_element_type")
-
-
-def eqn_supported(eqn: Any) -> bool:
-    """Whether a traced `conv_general_dilated` equation takes the fast path."""
-    if eqn.primitive.name != "conv_general_dilated" or eqn.params.get("out_sharding") is not None:
-        return False
-    lhs, rhs = (v.aval for v in eqn.invars)
-    return is_supported(lhs.shape, rhs.shape, **{k: eqn.params[k] for k in _CONV_KWARGS})
-
-
-def bind_conv_eqn(eqn: Any, args: Sequence[Any], *, forward_mode: bool = False) -> list[Any]:
-    """Evaluates a `conv_general_dilated` equation (see `eqn_supported`) with the fast conv.
-
-    `forward_mode=True` binds `conv_general_dilated_forward` (for `jax.jvp` through it).
-    """
-    conv = conv_general_dilated_forward if forward_mode else conv_general_dilated_fast
-    with eqn.ctx.manager:
-        return [conv(*args, **{k: eqn.params[k] for k in _CONV_KWARGS})]
-
-
-def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], *args: Any) -> list[Any]:
-    """`jax.core.eval_jaxpr` with every supported convolution evaluated by the fast conv.
-
-    Recurses into `jit`/`pjit`/`closed_call` bodies; other equations are bound as they are.
-    """
-    env: dict[Any, Any] = {}
-    read = lambda v: v.val if isinstance(v, jcore.Literal) else env[v]
-    for v, x in zip(jaxpr.constvars, consts):
-        env[v] = x
-    for v, x in zip(jaxpr.invars, args):
-        env[v] = x
-    for eqn in jaxpr.eqns:
-        ins = [read(v) for v in eqn.invars]
-        if eqn_supported(eqn):
-            outs = bind_conv_eqn(eqn, ins)
-        elif eqn.primitive.name in ("pjit", "jit", "closed_call") and (
-                "jaxpr" in eqn.params or "call_jaxpr" in eqn.params):
-            sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-            inner, inner_consts = (sub.jaxpr, sub.consts) if hasattr(sub, "consts") else (sub, ())
-            with eqn.ctx.manager:
-                outs = eval_jaxpr(inner, inner_consts, *ins)
-        else:
-            bind_params = eqn.primitive.get_bind_params(eqn.params)
-            subfuns, params = bind_params if isinstance(bind_params, tuple) else ([], bind_params)
-            with eqn.ctx.manager:
-                out = eqn.primitive.bind(*subfuns, *ins, **params)
-            outs = list(out) if eqn.primitive.multiple_results else [out]
-        for v, x in zip(eqn.outvars, outs):
-            env[v] = x
-    return [read(v) for v in jaxpr.outvars]
 
 
 def is_supported(lhs_shape: Sequence[int], rhs_shape: Sequence[int], *, lhs_dilation=None,
@@ -284,6 +229,20 @@ def _dilated(s: _Static, dim: int, kernel_size: int) -> int:
 def _out_extent(s: _Static, dim: int, padded_size: int, kernel_size: int) -> int:
     """Output length along spatial `dim` (may be ≤ 0 when the kernel does not fit)."""
     return (padded_size - _dilated(s, dim, kernel_size)) // s.strides[dim] + 1
+
+
+def takes_matmul_forward(lhs_shape: Sequence[int], rhs_shape: Sequence[int], window_strides: Sequence[int],
+                         padding: str | Sequence[tuple[int, int]], **kwargs: Any) -> bool:
+    """Whether the fast path computes this convolution's forward as matmuls (an output extent smaller
+    than the dilated kernel); False when the fast path does not apply at all."""
+    lhs, rhs = jax.ShapeDtypeStruct(tuple(lhs_shape), jnp.float32), jax.ShapeDtypeStruct(tuple(rhs_shape), jnp.float32)
+    kw = {k: kwargs.get(k) for k in ("lhs_dilation", "rhs_dilation", "dimension_numbers", "precision",
+                                     "preferred_element_type", "out_sharding")}
+    s = _static_or_none(lhs, rhs, window_strides, padding, kw["lhs_dilation"], kw["rhs_dilation"],
+                        kw["dimension_numbers"], kwargs.get("feature_group_count", 1),
+                        kwargs.get("batch_group_count", 1), kw["precision"], kw["preferred_element_type"],
+                        kw["out_sharding"])
+    return s is not None and _matmul_forward(s, lhs_shape, rhs_shape)
 
 
 def _forward(s: _Static, lhs, rhs):

@@ -6,25 +6,27 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from oba_jax import score
-from oba_jax.chain import layer_depths
-from oba_jax.graph import analyse, leaf_paths, trace_program
-from oba_jax.nnx_scores import model_apply
-from test_graph import AttentionBlock, ConcatNet, ResidualBNNet, gated_apply, gated_params, mlp_apply, mlp_params
+from nets import (AttentionBlock, ConcatNet, ResidualBNNet, SmallVGG, gated_apply, gated_params, mlp_apply,
+                  mlp_params)
+from oba_jax import model_apply, score
+from oba_jax.graph import analyse
+from oba_jax.program import trace_program
+from oba_jax.scores.chain import layer_depths
 
 
 def _depths_by_layer(apply_fn, params, x, exclude=()):
     """`{weight or bias path: k}` (None if not a chain)."""
-    analysis = analyse(trace_program(apply_fn, params, x), leaf_paths(params), exclude)
-    depths = layer_depths(analysis, sorted(analysis.theta))
+    analysis = analyse(trace_program(apply_fn, params, x), exclude)
+    depths = layer_depths(analysis, analysis.theta)
     if depths is None:
         return None
+    paths, found = analysis.program.paths, analysis.found
     out = {}
     for key, k in depths.items():
-        if key in analysis.layer_of_eqn:
-            out[analysis.layer_of_eqn[key]] = k
+        if key in found.uses:
+            out[paths[found.uses[key].weight_leaf]] = k
         else:
-            out[analysis.layers[analysis.bias_eqns[key]]["bias"]] = k
+            out[paths[found.bias_leaves[found.bias_adds[key]]]] = k
     return out
 
 
@@ -65,25 +67,6 @@ def test_not_a_chain(case):
     assert _depths_by_layer(apply_fn, params, x) is None
 
 
-class SmallVGG(nnx.Module):
-    """conv-BN-ReLU-maxpool, conv(+bias)-ReLU-maxpool, conv-BN-ReLU, global mean, dense: a chain with every
-    kind of equation a CIFAR VGG has, and a bias that BatchNorm does not cancel."""
-
-    def __init__(self, rngs):
-        self.c1 = nnx.Conv(3, 4, (3, 3), use_bias=False, rngs=rngs)
-        self.bn1 = nnx.BatchNorm(4, rngs=rngs)
-        self.c2 = nnx.Conv(4, 6, (3, 3), rngs=rngs)
-        self.c3 = nnx.Conv(6, 6, (3, 3), use_bias=False, rngs=rngs)
-        self.bn3 = nnx.BatchNorm(6, rngs=rngs)
-        self.fc = nnx.Linear(6, 5, rngs=rngs)
-
-    def __call__(self, x):
-        h = nnx.max_pool(nnx.relu(self.bn1(self.c1(x))), (2, 2), (2, 2))
-        h = nnx.max_pool(nnx.relu(self.c2(h)), (2, 2), (2, 2))
-        h = nnx.relu(self.bn3(self.c3(h)))
-        return self.fc(h.mean(axis=(1, 2)))
-
-
 @pytest.mark.parametrize("exclude", [(), ("params/c3",)])
 def test_chain_scores_equal_the_forward_over_reverse_construction(x64, exclude):
     """The default score of a chain network (no primal reverse chain) against `parts=True`, whose total
@@ -92,7 +75,7 @@ def test_chain_scores_equal_the_forward_over_reverse_construction(x64, exclude):
     apply_fn, variables = model_apply(model)
     variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), variables)
     rng = np.random.default_rng(5)
-    variables["params"]["c2"]["bias"] = jnp.asarray(0.1 * rng.normal(size=6))  # nnx initialises biases to 0
+    variables.params["c2"]["bias"] = jnp.asarray(0.1 * rng.normal(size=6))  # nnx initialises biases to 0
     x = jnp.asarray(rng.normal(size=(2, 6, 8, 8, 3)))
     y = jnp.asarray(rng.integers(0, 5, size=(2, 6)), jnp.int32)
     assert _depths_by_layer(apply_fn, variables, x[0], exclude) is not None

@@ -16,8 +16,8 @@ import pytest
 from flax import nnx
 
 from models import build_model, input_shape, make_spec
-from oba_jax import checkpoint as ckpt_lib
-from oba_jax import config_lib, train_lib
+from oba_jax.experiment import checkpoint as ckpt_lib
+from oba_jax.experiment import config as config_lib, training as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,7 +63,7 @@ _RESTORE_SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
     from models import input_shape
-    from oba_jax.checkpoint import restore_model
+    from oba_jax.experiment.checkpoint import restore_model
     out = {}
     for family, workdir in json.loads(sys.argv[1]).items():
         model, extra = restore_model(workdir)
@@ -128,4 +128,4 @@ def test_train_state_round_trips_exactly(tmp_path):
 def test_flatten_names_are_readable():
     model = build_model(SPECS["vgg"](), rngs=nnx.Rngs(0))
     names = set(ckpt_lib.flatten_named(nnx.state(model, nnx.Param), "params"))
-    assert "params.layers.0.conv.kernel" in names and "params.fc.bias" in names
+    assert "params/layers/0/conv/kernel" in names and "params/fc/bias" in names

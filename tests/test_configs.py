@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from oba_jax import config_lib, train_lib
+from oba_jax.experiment import config as config_lib, training as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from oba_jax import data, imagenet
+from oba_jax.experiment import data, imagenet
 
 # ----------------------------------------------------------------------------- helpers
 

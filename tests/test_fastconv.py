@@ -75,13 +75,9 @@ def test_value_grad_hvp_match_native(k, stride, padding, hw, cin, cout, dil):
 
 
 def test_small_outputs_take_the_matmul_forward():
-    def static(hw, k=3, stride=1):
-        x, w = jnp.zeros((1, *hw, 2)), jnp.zeros((k, k, 2, 3))
-        return fastconv._static_or_none(x, w, (stride, stride), "SAME", None, None, NHWC, 1, 1, None, None,
-                                        None), x.shape, w.shape
     for hw, expected in [((2, 2), True), ((1, 5), True), ((3, 3), False), ((32, 32), False)]:
-        s, xs, ws = static(hw)
-        assert fastconv._matmul_forward(s, xs, ws) is expected, hw
+        assert fastconv.takes_matmul_forward((1, *hw, 2), (3, 3, 2, 3), (1, 1), "SAME",
+                                             dimension_numbers=NHWC) is expected, hw
 
 
 def test_forward_mode():
@@ -185,7 +181,7 @@ def test_use_fast_conv_env(monkeypatch):
 def test_oba_scores_do_not_depend_on_the_conv(monkeypatch):
     from flax import nnx
 
-    from oba_jax.hessian import score
+    from oba_jax import score
 
     class Net(nnx.Module):
         def __init__(self, rngs):
@@ -210,21 +206,24 @@ def test_oba_scores_do_not_depend_on_the_conv(monkeypatch):
         results = {}
         for flag in ("0", "1"):
             monkeypatch.setenv("OBA_JAX_FAST_CONV", flag)
-            r = score(apply, {"params": params, "rest": rest}, [(x, y)], method, parts=method == "oba",
+            r = score(apply, {"params": params, "rest": rest}, [(x, y)], method,
+                      **({"parts": True} if method == "oba" else {}),
                       dtype=jnp.float64)
             results[flag] = [r.sum, *(r.parts or {}).values()]
         scale = 1 + _max_err(results["0"], jax.tree_util.tree_map(jnp.zeros_like, results["0"]))
         assert _max_err(results["0"], results["1"]) < 1e-10 * scale, method
 
 
-def test_eval_jaxpr_replays_with_fast_conv():
+def test_baseline_replay_with_fast_conv_is_the_program():
+    from oba_jax.program import trace_program
+    from oba_jax.scores.baselines import replay
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.normal(size=(2, 6, 5, 3)))
     w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)))
-    f = lambda x, w: jnp.tanh(jax.jit(lambda a, b: lax.conv_general_dilated(a, b, (2, 2), "SAME",
+    f = lambda w, x: jnp.tanh(jax.jit(lambda a, b: lax.conv_general_dilated(a, b, (2, 2), "SAME",
                                                                            dimension_numbers=NHWC))(x, w))
-    closed = jax.make_jaxpr(f)(x, w)
-    loss = lambda ev: (lambda w: jnp.sum(ev(closed.jaxpr, closed.consts, x, w)[0] ** 2))
-    a = jax.jvp(jax.grad(loss(fastconv.eval_jaxpr)), (w,), (w,))
-    b = jax.jvp(jax.grad(loss(jax.core.eval_jaxpr)), (w,), (w,))
+    program = trace_program(f, w, x)
+    assert use_fast_conv()
+    a = jax.jvp(jax.grad(lambda w: jnp.sum(replay(program, [w], [x]) ** 2)), (w,), (w,))
+    b = jax.jvp(jax.grad(lambda w: jnp.sum(f(w, x) ** 2)), (w,), (w,))
     assert _max_err(a, b) < 1e-10

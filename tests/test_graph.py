@@ -6,93 +6,7 @@ import pytest
 from flax import nnx
 
 import oba_jax
-
-
-# Test data comes from numpy: on XLA:CPU compiling jax.random's samplers costs seconds per shape.
-def _dense(rng, n_in, n_out):
-    return {"kernel": jnp.asarray(rng.normal(size=(n_in, n_out)) / np.sqrt(n_in)),
-            "bias": jnp.asarray(0.1 * rng.normal(size=(n_out,)))}
-
-
-def mlp_params(sizes=(6, 5, 4, 3), seed=0):
-    rng = np.random.default_rng(seed)
-    return {f"l{i}": _dense(rng, a, b) for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))}
-
-
-def mlp_apply(p, x, act=jax.nn.relu):
-    n = len(p)
-    for i in range(n):
-        x = x @ p[f"l{i}"]["kernel"] + p[f"l{i}"]["bias"]
-        if i < n - 1:
-            x = act(x)
-    return x
-
-
-class ResidualBNNet(nnx.Module):
-    """conv-BN-ReLU, a residual block with a 1×1 projection shortcut, GAP, dense."""
-
-    def __init__(self, rngs):
-        self.stem = nnx.Conv(3, 8, (3, 3), use_bias=False, rngs=rngs)
-        self.bn0 = nnx.BatchNorm(8, rngs=rngs)
-        self.a = nnx.Conv(8, 16, (3, 3), use_bias=False, rngs=rngs)
-        self.bn_a = nnx.BatchNorm(16, rngs=rngs)
-        self.b = nnx.Conv(16, 16, (3, 3), use_bias=False, rngs=rngs)
-        self.bn_b = nnx.BatchNorm(16, rngs=rngs)
-        self.proj = nnx.Conv(8, 16, (1, 1), use_bias=False, rngs=rngs)
-        self.fc = nnx.Linear(16, 5, rngs=rngs)
-
-    def __call__(self, x):
-        h = nnx.relu(self.bn0(self.stem(x)))
-        out = self.bn_b(self.b(nnx.relu(self.bn_a(self.a(h)))))
-        h = nnx.relu(out + self.proj(h))
-        return self.fc(h.mean(axis=(1, 2)))
-
-
-class ConcatNet(nnx.Module):
-    def __init__(self, rngs):
-        self.left = nnx.Conv(3, 4, (3, 3), rngs=rngs)
-        self.right = nnx.Conv(3, 6, (1, 1), rngs=rngs)
-        self.merge = nnx.Conv(10, 8, (3, 3), rngs=rngs)
-        self.fc = nnx.Linear(8, 3, rngs=rngs)
-
-    def __call__(self, x):
-        h = jnp.concatenate([nnx.relu(self.left(x)), nnx.relu(self.right(x))], axis=-1)
-        return self.fc(nnx.relu(self.merge(h)).mean(axis=(1, 2)))
-
-
-class AttentionBlock(nnx.Module):
-    """Pre-norm single-head-group attention with separate q/k/v/out projections and a class head."""
-
-    def __init__(self, rngs, d=8, heads=2, tokens=5):
-        self.heads = heads
-        self.pos = nnx.Param(jnp.asarray(0.02 * np.random.default_rng(3).normal(size=(1, tokens, d)), jnp.float32))
-        self.ln = nnx.LayerNorm(d, rngs=rngs)
-        self.q = nnx.Linear(d, d, rngs=rngs)
-        self.k = nnx.Linear(d, d, rngs=rngs)
-        self.v = nnx.Linear(d, d, rngs=rngs)
-        self.out = nnx.Linear(d, d, rngs=rngs)
-        self.head = nnx.Linear(d, 3, rngs=rngs)
-
-    def __call__(self, x):
-        b, n, d = x.shape
-        h = x + self.pos[...]
-        a = self.ln(h)
-        split = lambda t: t.reshape(b, n, self.heads, d // self.heads)
-        q, k, v = split(self.q(a)), split(self.k(a)), split(self.v(a))
-        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d // self.heads)
-        o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v).reshape(b, n, d)
-        h = h + self.out(o)
-        return self.head(h.mean(axis=1))
-
-
-def gated_params(seed=0, d=6, hidden=7, classes=3):
-    rng = np.random.default_rng(seed)
-    return {"gate": _dense(rng, d, hidden), "up": _dense(rng, d, hidden), "down": _dense(rng, hidden, classes)}
-
-
-def gated_apply(p, x):
-    h = jax.nn.silu(x @ p["gate"]["kernel"] + p["gate"]["bias"]) * (x @ p["up"]["kernel"] + p["up"]["bias"])
-    return h @ p["down"]["kernel"] + p["down"]["bias"]
+from nets import AttentionBlock, ConcatNet, ResidualBNNet, gated_apply, gated_params, mlp_apply, mlp_params
 
 
 def test_mlp_layers_biases_and_series_chain():
@@ -168,9 +82,9 @@ def test_errors():
     with pytest.raises(TypeError, match="not an array"):
         oba_jax.connectivity(mlp_apply, {"l0": {"kernel": [[1.0]], "bias": jnp.ones(1)}}, jnp.ones((2, 1)))
 
-    def scanned(p, x):
-        def body(h, w):
-            return jax.nn.relu(h @ w), None
-        return jax.lax.scan(body, x, p["stack"])[0]
-    with pytest.raises(NotImplementedError, match="lax.scan"):
-        oba_jax.connectivity(scanned, {"stack": jnp.ones((3, 4, 4))}, jnp.ones((2, 4)))
+    # (lax.scan over stacked layers is unrolled and supported now: tests/test_constructs.py)
+    def looped(p, x):
+        body = lambda c: (c[0] + 1, jax.nn.relu(c[1] @ p["w"]))
+        return jax.lax.while_loop(lambda c: c[0] < 3, body, (0, x))[1]
+    with pytest.raises(NotImplementedError, match="lax.while_loop"):
+        oba_jax.connectivity(looped, {"w": jnp.ones((4, 4))}, jnp.ones((2, 4)))

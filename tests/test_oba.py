@@ -8,7 +8,7 @@ from flax import nnx
 
 import oba_jax
 from oba_jax import score, softmax_cross_entropy
-from test_graph import gated_apply, gated_params, mlp_apply, mlp_params
+from nets import gated_apply, gated_params, mlp_apply, mlp_params
 
 sg = jax.lax.stop_gradient
 
@@ -127,7 +127,7 @@ def test_attention_block_matches_linearised_dense_hessian(x64):
     params = _attention_params()
     x, y = _data(6, (3, 5, 4), 3)
     r = score(_attention, params, [(x, y)], dtype=jnp.float64, parts=True)
-    flat_paths = oba_jax.graph.leaf_paths(params)
+    flat_paths = oba_jax.leaf_paths(params)
     mask = np.concatenate([np.full(np.size(l), 0.0 if p.startswith("ln/") else 1.0)
                            for p, l in zip(flat_paths, jax.tree_util.tree_leaves(params))])
     oracle = _linearised_oracle(lambda p, x: _attention(p, x, lin=_lin), params, x, y, mask)
@@ -143,13 +143,15 @@ def test_attention_block_matches_linearised_dense_hessian(x64):
 def test_written_out_tangent_is_the_networks_directional_derivative(x64):
     """The surrogate shares the network's value and first derivative, so the tangent the default
     construction writes out must equal `jax.jvp` of the real network in the direction θ (layers only)."""
-    from oba_jax.graph import analyse, leaf_paths, trace_program
-    from oba_jax.surrogate import evaluate_with_tangent
+    from oba_jax.graph import analyse
+    from oba_jax.paths import leaf_paths
+    from oba_jax.program import trace_program
+    from oba_jax.scores.tangent import evaluate_with_tangent
     params = _attention_params(seed=11)
     x, _ = _data(12, (3, 5, 4), 3)
     leaves, treedef = jax.tree_util.tree_flatten(params)
     paths = leaf_paths(params)
-    analysis = analyse(trace_program(_attention, params, x), paths)
+    analysis = analyse(trace_program(_attention, params, x))
     theta = tuple(sorted(analysis.theta))
     assert {paths[i] for i in theta} == {p for p in paths if not p.startswith("ln/")}
     z, tz = evaluate_with_tangent(analysis, leaves, [x], theta)
@@ -164,7 +166,7 @@ def test_written_out_tangent_is_the_networks_directional_derivative(x64):
 def test_dense_pair_backward_is_the_products_vjp(x64, missing, zero_c):
     """The written-out backward of a dense layer's (value, tangent) pair against `jax.vjp` of the plain
     products, with a tangent absent (zero) and with a symbolically zero cotangent of the value."""
-    from oba_jax.surrogate import _dense_pair
+    from oba_jax.scores.tangent import dense_pair
     rng = np.random.default_rng(21)
     a, t_a = rng.normal(size=(2, 2, 3, 4))
     b, t_b = rng.normal(size=(2, 4, 5))
@@ -177,7 +179,7 @@ def test_dense_pair_backward_is_the_products_vjp(x64, missing, zero_c):
         return a @ b, t
 
     def written(a, b, t_a, t_b):
-        y, t_y = _dense_pair(eqn, a, b, t_a if present["t_a"] else None, t_b if present["t_b"] else None)
+        y, t_y = dense_pair(eqn, a, b, t_a if present["t_a"] else None, t_b if present["t_b"] else None)
         return y[0], t_y[0]
 
     for f in (plain, written):

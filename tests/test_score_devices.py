@@ -10,7 +10,7 @@ import sys, numpy as np, jax, jax.numpy as jnp
 from flax import nnx
 sys.path.insert(0, "tests")
 import oba_jax
-from test_graph import ResidualBNNet
+from nets import ResidualBNNet
 model = ResidualBNNet(nnx.Rngs(0))
 key = jax.random.PRNGKey(0)
 xs = jax.random.normal(key, (3, 8, 8, 8, 3))

@@ -18,8 +18,8 @@ import pytest
 from flax import nnx
 
 from models import build_model, make_spec
-from oba_jax import config_lib, train_lib
-from oba_jax.data import synthetic_dataset
+from oba_jax.experiment import config as config_lib, training as train_lib
+from oba_jax.experiment.data import synthetic_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -154,7 +154,7 @@ _DEVICES_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from flax import nnx
     from models import build_model
-    from oba_jax import config_lib, train_lib
+    from oba_jax.experiment import config as config_lib, training as train_lib
     config = config_lib.default_sections()
     config.model.family = "vgg"
     config.model.spec.update(cfg=(8, "M", 16), in_channels=3, image_size=8)

@@ -68,7 +68,7 @@ def test_bad_override_exits_naming_the_key(tmp_path, override, key):
 
 def _final_params(workdir) -> dict:
     from flax import nnx
-    from oba_jax.checkpoint import restore_model
+    from oba_jax.experiment.checkpoint import restore_model
     model, extra = restore_model(str(workdir))
     state = nnx.state(model, nnx.Param)
     import jax

@@ -3,7 +3,8 @@
 Layout of ``WORKDIR/checkpoints/<step>/`` (one orbax ``CheckpointManager`` step, written to a
 temporary directory and renamed when complete, so a killed run never leaves a half checkpoint):
 
-- ``model``: params and batch stats, a flat dict ``{"params.layers.0.conv.kernel": array, ...}``;
+- ``model``: params and batch stats, a flat dict ``{"params/layers/0/conv/kernel": array, ...}`` keyed by
+  the leaf paths of `oba_jax.paths`;
 - ``train``: optimizer state and step, flat the same way (leaf names from the pytree paths);
 - ``meta`` (JSON): ``spec`` (``models.spec_to_dict``), ``config``, ``data_position``
   (epoch, step_in_epoch), ``step`` and anything extra (e.g. accumulated wall time).
@@ -24,6 +25,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from oba_jax import nnx_model
+from oba_jax.paths import flat_by_path, unflatten_by_path
+
 CHECKPOINT_DIR = "checkpoints"
 MAX_TO_KEEP = 2
 
@@ -40,32 +44,17 @@ def make_manager(workdir: str, *, max_to_keep: int = MAX_TO_KEEP) -> ocp.Checkpo
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=("model", "train", "meta"))
 
 
-def _key_name(entry: Any) -> str:
-    for attr in ("key", "idx", "name"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
 def flatten_named(tree: Any, prefix: str) -> dict[str, Any]:
-    """``{"prefix.a.0.b": leaf}``: one readable name per leaf (a trailing NNX ``.value`` dropped)."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        names = [_key_name(p) for p in path]
-        if names and names[-1] == "value":
-            names = names[:-1]
-        out[".".join([prefix, *names])] = leaf
-    return out
+    """``{"prefix/a/0/b": leaf}``: one name per leaf, the leaf paths of `oba_jax.paths`."""
+    return flat_by_path(tree, prefix)
 
 
 def unflatten_named(template: Any, prefix: str, flat: Mapping[str, Any]) -> Any:
     """Inverse of :func:`flatten_named` into the structure of ``template``."""
-    names = list(flatten_named(template, prefix))
-    missing = [n for n in names if n not in flat]
-    if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} arrays the model needs, e.g. {missing[:3]}")
-    treedef = jax.tree.structure(template)
-    return jax.tree.unflatten(treedef, [flat[n] for n in names])
+    try:
+        return unflatten_by_path(template, flat, prefix)
+    except KeyError as err:
+        raise ValueError(f"checkpoint lacks arrays the model needs: {err.args[0]}") from None
 
 
 def _abstract(flat: Mapping[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
@@ -167,7 +156,8 @@ def restore_model(path: str, step: int | None = None):
         spec = spec_from_dict(meta["spec"])
         # Only shapes are needed from the template, so initialise abstractly (no compute, no memory).
         abstract = nnx.eval_shape(lambda: build_model(spec, rngs=nnx.Rngs(0)))
-        graphdef, params, batch_stats, other = nnx.split(abstract, nnx.Param, nnx.BatchStat, ...)
+        _, state = nnx_model.split(abstract)
+        params, batch_stats = state.params, state.batch_stats
         flat = {**flatten_named(params, "params"), **flatten_named(batch_stats, "batch_stats")}
         restored = manager.restore(step, args=ocp.args.Composite(
             model=ocp.args.StandardRestore({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()})))

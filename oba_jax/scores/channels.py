@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 
 from oba_jax.graph import Connectivity, Layer
-from oba_jax.hessian import ScoreResult
+from oba_jax.scores.scoring import ScoreResult
 
 __all__ = ["LayerChannelScores", "channel_scores", "layer_channel_sums"]
 
@@ -15,8 +15,16 @@ __all__ = ["LayerChannelScores", "channel_scores", "layer_channel_sums"]
 class LayerChannelScores:
     """Signed per-channel sums for one parameter layer, averaged over batches."""
 
-    out: np.ndarray   # (out_channels,): weights making that output channel + its bias score
-    in_: np.ndarray   # (in_channels,): weights reading that input channel
+    outputs: np.ndarray   # (out_channels,): weights making that output channel + its bias score
+    inputs: np.ndarray    # (in_channels,): weights reading that input channel
+
+    @property
+    def out(self) -> np.ndarray:   # the 0.1 names, kept working
+        return self.outputs
+
+    @property
+    def in_(self) -> np.ndarray:
+        return self.inputs
 
 
 def _flatten_axes(x: np.ndarray, keep: tuple[int, ...]) -> np.ndarray:
@@ -32,9 +40,20 @@ def layer_channel_sums(layer: Layer, weight_scores: np.ndarray,
         raise ValueError(f"layer {layer.name!r}: its weight reaches the product through a reshape whose "
                          "channel axes cannot be mapped, so its channel sums are undefined")
     w = np.asarray(weight_scores, dtype=np.float64)
+    in_axes, out_axes = layer.in_axes, layer.out_axes
+    if layer.index is not None:
+        # The layer reads part of its leaf (one slice of a stacked / fused weight): cut it out first.
+        w = w[tuple(r if isinstance(r, int) else slice(*r) for r in layer.index)]
+        fixed = [a for a, r in enumerate(layer.index) if isinstance(r, int)]
+        renumber = lambda axes: tuple(a - sum(f < a for f in fixed) for a in axes)
+        in_axes, out_axes = renumber(in_axes), renumber(out_axes)
+        layer = dataclasses.replace(layer, in_axes=in_axes, out_axes=out_axes)
     out = _flatten_axes(w, tuple(sorted(layer.out_axes)))
     if bias_scores is not None:
-        out = out + np.asarray(bias_scores, dtype=np.float64).reshape(-1)
+        bias = np.asarray(bias_scores, dtype=np.float64)
+        if layer.bias_index is not None:
+            bias = bias[tuple(r if isinstance(r, int) else slice(*r) for r in layer.bias_index)]
+        out = out + bias.reshape(-1)
     in_ = _flatten_axes(w, tuple(sorted(layer.in_axes)))
     groups = layer.feature_group_count
     if groups > 1:
@@ -47,7 +66,7 @@ def layer_channel_sums(layer: Layer, weight_scores: np.ndarray,
         for o in range(n_out):
             g = o // (n_out // groups)
             in_[g * n_in:(g + 1) * n_in] += per_out[:, o]
-    return LayerChannelScores(out=out, in_=in_)
+    return LayerChannelScores(outputs=out, inputs=in_)
 
 
 def channel_scores(result: ScoreResult, graph: Connectivity | None = None,

@@ -5,7 +5,7 @@ The model is split NNX-style into ``graphdef`` (static structure), ``params`` (`
 :class:`TrainState` holds the arrays; :func:`make_train_step` returns a pure jitted
 ``train_step(state, images_uint8, labels, rng) -> (state, metrics)`` that donates the state.
 
-Parallelism: a 1-D ``jax.sharding.Mesh`` named ``'data'`` over all (global) devices; batches are
+Parallelism: the data mesh of `oba_jax.sharding` (1-D, named ``'data'``, all devices); batches are
 sharded along it, parameters and optimizer state replicated, so XLA inserts the gradient
 all-reduce. Nothing depends on the device count except that it must divide the batch size.
 
@@ -31,10 +31,12 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from oba_jax import checkpoint as ckpt_lib
-from oba_jax import config_lib
+from oba_jax import nnx_model
+from oba_jax.experiment import checkpoint as ckpt_lib
+from oba_jax.experiment import config as config_lib
+from oba_jax.sharding import batch_sharded, data_mesh, put_replicated, replicated
 
 Metrics = dict[str, float]
 METRICS_FILE = "metrics.jsonl"
@@ -63,15 +65,14 @@ class ModelParts:
 
 
 def split_model(model: nnx.Module) -> tuple[ModelParts, Any, Any]:
-    """``model -> (parts, params, batch_stats)`` as nnx.State pytrees."""
-    graphdef, params, batch_stats, other = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-    return ModelParts(graphdef, other), params, batch_stats
+    """``model -> (parts, params, batch_stats)``: the one NNX split (`oba_jax.nnx_model`)."""
+    graphdef, state = nnx_model.split(model)
+    return ModelParts(graphdef, state.rest), state.params, state.batch_stats
 
 
 def merge_model(parts: ModelParts, params: Any, batch_stats: Any) -> nnx.Module:
-    """Inverse of :func:`split_model`; fresh Variables (``copy=True``) so that, inside a
-    transformation such as ``jax.grad``, BatchNorm may update stats created at that trace level."""
-    return nnx.merge(parts.graphdef, params, batch_stats, parts.other, copy=True)
+    """Inverse of :func:`split_model` (fresh Variables: see `oba_jax.nnx_model.merge`)."""
+    return nnx_model.merge(parts.graphdef, nnx_model.ModelState(params, batch_stats, parts.other))
 
 
 def apply_model(parts: ModelParts, params: Any, batch_stats: Any, images: jax.Array, *,
@@ -139,34 +140,6 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     return (higher < min(k, logits.shape[-1])).astype(jnp.float32)
 
 
-# ----------------------------------------------------------------------------- mesh / sharding
-
-
-def make_mesh(devices: list | None = None) -> Mesh:
-    """1-D mesh named ``'data'`` over ``devices`` (default: every global device)."""
-    devices = jax.devices() if devices is None else devices
-    return Mesh(np.asarray(devices), ("data",))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
-
-
-def batch_sharded(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec("data"))
-
-
-def put_replicated(tree: Any, mesh: Mesh) -> Any:
-    """Places a host pytree on every device of ``mesh`` (works across hosts: each host fills its own shards)."""
-    sharding = replicated(mesh)
-
-    def put(x):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-    return jax.tree.map(put, tree)
-
-
 # ----------------------------------------------------------------------------- steps
 
 
@@ -177,7 +150,7 @@ def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, *, num_
     ``images_u8`` (B, H, W, C) uint8 and ``labels`` (B,) are sharded along the mesh; the images
     are augmented and normalised inside the step. The state argument is donated.
     """
-    from oba_jax.data import preprocess_batch  # deferred: keeps this module importable on its own
+    from oba_jax.experiment.data import preprocess_batch  # deferred: keeps this module importable on its own
 
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
@@ -205,7 +178,7 @@ def make_eval_step(parts: ModelParts, *, num_classes: int, mean, std, mesh: Mesh
     Sums (not means) of loss, top-1, top-5 and the example count over examples with weight 1,
     so padded examples (weight 0) of the last batch do not count.
     """
-    from oba_jax.data import preprocess_batch
+    from oba_jax.experiment.data import preprocess_batch
 
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
@@ -290,7 +263,7 @@ def total_steps_of(config: ml_collections.ConfigDict, steps_per_epoch: int) -> i
 
 def make_trainer(config: ml_collections.ConfigDict, parts: ModelParts, dataset, mesh: Mesh | None = None) -> Trainer:
     """Compiles the step functions and puts the training set on device."""
-    mesh = make_mesh() if mesh is None else mesh
+    mesh = data_mesh() if mesh is None else mesh
     spe = steps_per_epoch_of(len(dataset.train_labels), config.train.batch_size)
     total = total_steps_of(config, spe)
     # The schedule is defined over the full epochs even when max_steps truncates the run, so a
@@ -511,7 +484,7 @@ def fit(model: nnx.Module, dataset, config: ml_collections.ConfigDict, workdir: 
 
 def load_dataset_for(config: ml_collections.ConfigDict):
     """The dataset named by ``config.data`` (synthetic kwargs only for ``synthetic``)."""
-    from oba_jax import data
+    from oba_jax.experiment import data
     kwargs = dict(config.data.synthetic) if config.data.name == "synthetic" else {}
     if "image_shape" in kwargs:
         kwargs["image_shape"] = tuple(kwargs["image_shape"])

@@ -109,7 +109,7 @@ def imagenet_loader(split: str, data_dir: str | None, batch_size: int, *, train:
     ``{"image": bytes|array, "label": int}``), which is how tests run it on fake data.
     """
     if source is None:
-        from oba_jax import data  # local import: avoids a cycle and the TFDS import when unused
+        from oba_jax.experiment import data  # local import: TFDS is imported only when it is used
 
         dirs = data.tfds_search_dirs(data_dir)
         found = [d for d in dirs if data.has_prepared_tfds("imagenet2012", d)]

@@ -1,0 +1,78 @@
+"""Classes of primitives, by how the OBA analyses treat them."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax.numpy as jnp
+
+__all__ = ["LAYER_PRODUCTS", "PRODUCTS", "SHAPE_OPS", "UNARY_VIEWS", "is_float", "is_linear", "reshape_groups"]
+
+# One operand, only moves / copies / casts entries: a view of a parameter stays a view of it.
+UNARY_VIEWS = frozenset({
+    "reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims", "convert_element_type",
+    "copy", "copy_p", "rev", "slice", "reduce_precision",
+})
+# Reshape-like: change the shape, not the order of entries.
+SHAPE_OPS = frozenset({"reshape", "squeeze", "expand_dims"})
+# Linear in every operand that depends on the parameters (given `is_linear`'s conditions).
+_LINEAR = UNARY_VIEWS | frozenset({
+    "add", "add_any", "sub", "neg", "concatenate", "stack", "pad", "reduce_sum", "dynamic_slice",
+    "dynamic_update_slice", "gather", "select_n", "split", "cumsum", "real", "imag", "complex", "conj",
+    "mul", "div", "dot_general", "conv_general_dilated", "reduce_window_sum",
+    "scatter-add", "scatter_add", "optimization_barrier", "sharding_constraint", "pjit_sharding",
+    "psum", "device_put", "name",
+})
+# Bilinear: linear in each operand separately.
+PRODUCTS = frozenset({"mul", "dot_general", "conv_general_dilated"})
+# The products a Conv/Dense layer is made of (a weight operand and an activation operand).
+LAYER_PRODUCTS = frozenset({"dot_general", "conv_general_dilated"})
+
+
+def is_float(aval: Any) -> bool:
+    return hasattr(aval, "dtype") and jnp.issubdtype(aval.dtype, jnp.inexact)
+
+
+def is_linear(name: str, deps: Sequence[bool]) -> bool:
+    """Whether an equation is linear in its operands flagged in `deps` (the others held fixed)."""
+    if name not in _LINEAR:
+        return False
+    if name in PRODUCTS:
+        return sum(deps) <= 1
+    if name == "div":
+        return not deps[1]
+    if name == "select_n":
+        return not deps[0]
+    if name in ("dynamic_slice", "gather"):
+        return not any(deps[1:])
+    if name == "dynamic_update_slice":
+        return not any(deps[2:])
+    return True
+
+
+def reshape_groups(in_shape: Sequence[int], out_shape: Sequence[int]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The axes of a reshape in matching groups: `(input axes, output axes)` whose sizes have equal
+    products and which cover the same entries (row-major), e.g. (B, N, H·D) → (B, N, H, D) gives
+    ((0,), (0,)), ((1,), (1,)), ((2,), (2, 3)). Size-1 axes join the group before them."""
+    groups: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    i = j = 0
+    while i < len(in_shape) or j < len(out_shape):
+        gi, gj = [], []
+        pi = pj = 1
+        while True:
+            if pi == pj and gi and gj:
+                # absorb trailing size-1 axes into this group
+                while i < len(in_shape) and in_shape[i] == 1:
+                    gi.append(i); i += 1
+                while j < len(out_shape) and out_shape[j] == 1:
+                    gj.append(j); j += 1
+                break
+            if (pi <= pj or j >= len(out_shape)) and i < len(in_shape):
+                gi.append(i); pi *= in_shape[i]; i += 1
+            elif j < len(out_shape):
+                gj.append(j); pj *= out_shape[j]; j += 1
+            else:
+                break
+        groups.append((tuple(gi), tuple(gj)))
+    return groups
