@@ -20,6 +20,7 @@ from flax import nnx
 from models import build_model, make_spec
 from oba_jax.experiment import config as config_lib, training as train_lib
 from oba_jax.experiment.data import synthetic_dataset
+from oba_jax.losses import cross_entropy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,9 +91,9 @@ def test_label_smoothing_matches_hand_computation():
     s = 0.3
     target = np.array([1 - s + s / 3, s / 3, s / 3])  # PyTorch's label_smoothing convention
     expected = -(target * logp).sum()
-    got = float(train_lib.cross_entropy(logits, labels, 3, label_smoothing=s)[0])
+    got = float(cross_entropy(logits, labels, label_smoothing=s)[0])
     assert got == pytest.approx(expected, rel=1e-6)
-    assert float(train_lib.cross_entropy(logits, labels, 3)[0]) == pytest.approx(-logp[0], rel=1e-6)
+    assert float(cross_entropy(logits, labels)[0]) == pytest.approx(-logp[0], rel=1e-6)
     assert got > -logp[0]  # smoothing penalises the confident correct prediction
 
 
@@ -122,7 +123,7 @@ def test_evaluate_pads_last_batch_and_matches_direct_computation():
     model.eval()
     logits = model(jnp.asarray(x, jnp.float32))
     labels = jnp.asarray(dataset.test_labels)
-    assert got["loss"] == pytest.approx(float(jnp.mean(train_lib.cross_entropy(logits, labels, 10))), rel=1e-5)
+    assert got["loss"] == pytest.approx(float(jnp.mean(cross_entropy(logits, labels))), rel=1e-5)
     assert got["top1"] == pytest.approx(float(jnp.mean(train_lib.topk_correct(logits, labels, 1))))
     assert got["top5"] == pytest.approx(float(jnp.mean(train_lib.topk_correct(logits, labels, 5))))
 

@@ -17,8 +17,6 @@ from typing import Any, Sequence
 import ml_collections
 
 SCHEDULES = ("multistep", "cosine", "constant")
-DATASET_NAMES = ("fashion_mnist", "cifar10", "cifar100", "imagenet2012", "synthetic")
-MODEL_FAMILIES = ("mlp", "vgg", "resnet_cifar", "resnet50", "vit")
 
 # Sections whose keys are free-form: model.spec are keyword arguments of models.make_spec (validated
 # by building the spec), data.synthetic those of data.synthetic_dataset.
@@ -188,8 +186,10 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
     ``num_devices`` (default: ``jax.device_count()``) must divide both batch sizes, because the
     batch is sharded evenly along the 1-D data mesh.
     """
+    from models import FAMILIES   # deferred, as for model_spec
+    from oba_jax.experiment.data import DATASETS
     family = _get(config, "model.family")
-    _check(family in MODEL_FAMILIES, "model.family", f"unknown family {family!r}; expected one of {MODEL_FAMILIES}")
+    _check(family in FAMILIES, "model.family", f"unknown family {family!r}; expected one of {FAMILIES}")
     spec_kwargs = _get(config, "model.spec")
     _check(isinstance(spec_kwargs, ml_collections.ConfigDict), "model.spec", "must be a section")
     try:
@@ -198,7 +198,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
         raise ConfigError(f"config.model.spec: {e}") from None
 
     name = _get(config, "data.name")
-    _check(name in DATASET_NAMES, "data.name", f"unknown dataset {name!r}; expected one of {DATASET_NAMES}")
+    _check(name in DATASETS, "data.name", f"unknown dataset {name!r}; expected one of {DATASETS}")
     _check(isinstance(_get(config, "data.augment"), bool), "data.augment", "must be true/false")
     _check(isinstance(_get(config, "data.download"), bool), "data.download", "must be true/false")
     data_dir = _get(config, "data.data_dir")

@@ -34,6 +34,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from oba_jax import nnx_model
+from oba_jax.losses import cross_entropy
 from oba_jax.experiment import checkpoint as ckpt_lib
 from oba_jax.experiment import config as config_lib
 from oba_jax.sharding import batch_sharded, data_mesh, put_replicated, replicated
@@ -121,14 +122,6 @@ def make_optimizer(optim: ml_collections.ConfigDict, schedule: optax.Schedule) -
 # ----------------------------------------------------------------------------- losses, metrics
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
-                  label_smoothing: float = 0.0) -> jax.Array:
-    """Per-example cross-entropy against one-hot labels smoothed as PyTorch does:
-    target = (1 - s) * onehot + s / num_classes."""
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
-    return optax.softmax_cross_entropy(logits, targets)
-
-
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     """1.0 per example whose label is among the ``k`` largest logits (k capped at num_classes).
 
@@ -143,7 +136,7 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 # ----------------------------------------------------------------------------- steps
 
 
-def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, *, num_classes: int,
+def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, *,
                     label_smoothing: float, augment: bool, mean, std, mesh: Mesh) -> Callable:
     """Returns jitted ``train_step(state, images_u8, labels, rng) -> (state, metrics)``.
 
@@ -156,7 +149,7 @@ def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, *, num_
 
     def loss_fn(params, batch_stats, images, labels):
         logits, new_stats = apply_model(parts, params, batch_stats, images, train=True)
-        loss = jnp.mean(cross_entropy(logits, labels, num_classes, label_smoothing))
+        loss = jnp.mean(cross_entropy(logits, labels, label_smoothing))
         return loss, (logits, new_stats)
 
     def train_step(state: TrainState, images_u8, labels, rng):
@@ -172,7 +165,7 @@ def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, *, num_
     return jax.jit(train_step, donate_argnums=0, out_shardings=(rep, rep))
 
 
-def make_eval_step(parts: ModelParts, *, num_classes: int, mean, std, mesh: Mesh) -> Callable:
+def make_eval_step(parts: ModelParts, *, mean, std, mesh: Mesh) -> Callable:
     """Returns jitted ``eval_step(params, batch_stats, images_u8, labels, weights) -> sums``.
 
     Sums (not means) of loss, top-1, top-5 and the example count over examples with weight 1,
@@ -185,7 +178,7 @@ def make_eval_step(parts: ModelParts, *, num_classes: int, mean, std, mesh: Mesh
     def eval_step(params, batch_stats, images_u8, labels, weights):
         images = preprocess_batch(images_u8, None, augment=False, mean=mean, std=std)
         logits, _ = apply_model(parts, params, batch_stats, images, train=False)
-        loss = cross_entropy(logits, labels, num_classes)
+        loss = cross_entropy(logits, labels)
         return {"loss": jnp.sum(loss * weights),
                 "top1": jnp.sum(topk_correct(logits, labels, 1) * weights),
                 "top5": jnp.sum(topk_correct(logits, labels, 5) * weights),
@@ -270,7 +263,7 @@ def make_trainer(config: ml_collections.ConfigDict, parts: ModelParts, dataset, 
     # truncated run follows the same lr curve as the first max_steps of the full run.
     schedule = learning_rate_schedule(config.optim, spe, int(round(config.train.epochs * spe)))
     tx = make_optimizer(config.optim, schedule)
-    common = dict(num_classes=dataset.num_classes, mean=dataset.mean, std=dataset.std, mesh=mesh)
+    common = dict(mean=dataset.mean, std=dataset.std, mesh=mesh)
     train_step = make_train_step(parts, tx, label_smoothing=config.optim.label_smoothing,
                                  augment=config.data.augment, **common)
     eval_step = make_eval_step(parts, **common)

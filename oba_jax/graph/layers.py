@@ -506,7 +506,7 @@ class _FindLayers:
         if fields["bias_leaf"] not in (None, b.leaf) or b.leaf == fields["weight_leaf"]:
             return False
         width = math.prod(out_shape[a] for a in axes)
-        if math.prod(self.program.param_aval(b.leaf).shape) != width:
+        if _entries_read(b, self.program.param_aval(b.leaf).shape) != width:
             return False
         if math.prod(b_shape) == width:
             return len(b_shape) != len(out_shape) or all(s == 1 or a in axes for a, s in enumerate(b_shape))
@@ -706,6 +706,13 @@ class _FindLayers:
             bias_adds=MappingProxyType({k: names[lk] for k, lk in self.bias_adds.items()}),
             view_eqns=frozenset(self.view_eqns), unrolled=frozenset(self.unrolled),
             unscored=MappingProxyType(unscored))
+
+
+def _entries_read(view: View, leaf_shape: Sequence[int]) -> int:
+    """How many entries of its leaf a view reads (all of them when its region is not known)."""
+    if view.region is None:
+        return math.prod(leaf_shape)
+    return math.prod(1 if isinstance(r, int) else len(range(*r)) for r in view.region)
 
 
 def _concrete_int(v: Value) -> int | None:
