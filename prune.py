@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from oba_jax.scores.importance import METHODS
+from oba_jax.scores import BN_MODES, METHODS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--method", default="oba", choices=METHODS)
     s.add_argument("--num-batches", type=int, default=20)
     s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--bn-mode", default="train", choices=("train", "eval"))
+    s.add_argument("--bn-mode", default="train", choices=BN_MODES)
     s.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     s.add_argument("--parts", action="store_true", help="also write the upward/downward/parallel parts")
     s.add_argument("--first-order", action="store_true", help="add the first-order term −θ·g")

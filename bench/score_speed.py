@@ -14,6 +14,12 @@ Rows:
   fastoba       `score(..., "fastoba")`'s per-batch function (θ ⊙ Hθ, full HVP)
   oba           `score(..., "oba")`'s per-batch function
   oba-nativeconv the same with OBA_JAX_FAST_CONV=0 (XLA's own convolutions)
+  api-oba       one whole `oba_jax.score(apply, params, [(x, y)], method="oba")` call, after a first call
+                with the same shapes (the public API with its checks and its compiled-program cache)
+  api-taylor    the same with method="taylor"
+
+Models: the zoo's wide ResNet-32, VGG19, the CIFAR ViT (default), wide ResNet-20, and `user-resnet`,
+a pure-JAX ResNet (32/64/128, 2 basic blocks per stage, dicts of arrays) written as a user would.
 
 The score rows run as `score` runs them: on CPU with the fast conv (unless OBA_JAX_FAST_CONV=0) and
 compiled with `fastconv.cpu_compiler_options()`; the grad rows are a plain `jax.jit(jax.grad(...))`.
@@ -29,6 +35,7 @@ earlier row already reached a higher peak).
     python bench/score_speed.py                      # ResNet-32, VGG19 and the ViT, 3 rounds
     python bench/score_speed.py --models resnet20 --rows fastoba,oba --repeats 10   # OBA vs fastoba
     python bench/score_speed.py --models resnet32 --batch 32 --repeats 5
+    python bench/score_speed.py --models user-resnet --rows grad,api-oba,api-taylor --repeats 10
     python bench/score_speed.py --quick               # tiny smoke run (used by tests)
 """
 from __future__ import annotations
@@ -52,6 +59,47 @@ import models  # noqa: E402
 import oba_jax  # noqa: E402
 from oba_jax import fastconv, nnx_model  # noqa: E402
 
+def user_resnet(widths=(32, 64, 128), blocks=2, classes=10, seed=0):
+    """`(apply_fn, params)` of a CIFAR ResNet written the way a user writes one in pure JAX: a dict of
+    arrays, `lax.conv_general_dilated`, BatchNorm with batch statistics inline, basic blocks with a 1×1
+    projection shortcut where the width or stride changes, global average pooling, one dense layer."""
+    rng = np.random.default_rng(seed)
+    conv_w = lambda k, i, o: jnp.asarray(rng.normal(size=(k, k, i, o)) * np.sqrt(2 / (k * k * o)), jnp.float32)
+    bn = lambda c: {"scale": jnp.ones(c, jnp.float32), "bias": jnp.zeros(c, jnp.float32)}
+    params = {"stem": {"w": conv_w(3, 3, widths[0]), "bn": bn(widths[0])}}
+    c_in = widths[0]
+    for s, c in enumerate(widths):
+        for b in range(blocks):
+            stride = 2 if s > 0 and b == 0 else 1
+            block = {"conv1": conv_w(3, c_in, c), "bn1": bn(c), "conv2": conv_w(3, c, c), "bn2": bn(c)}
+            if stride != 1 or c_in != c:
+                block.update(proj=conv_w(1, c_in, c), bn_proj=bn(c))
+            params[f"stage{s}/block{b}"] = block
+            c_in = c
+    params["fc"] = {"w": jnp.asarray(rng.normal(size=(c_in, classes)) / np.sqrt(c_in), jnp.float32),
+                    "b": jnp.zeros(classes, jnp.float32)}
+
+    def conv(x, w, stride=1):
+        return jax.lax.conv_general_dilated(x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def batch_norm(x, p):
+        mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+        return (x - mean) * jax.lax.rsqrt(var + 1e-5) * p["scale"] + p["bias"]
+
+    def apply_fn(p, x):
+        h = jax.nn.relu(batch_norm(conv(x, p["stem"]["w"]), p["stem"]["bn"]))
+        for s in range(len(widths)):
+            for b in range(blocks):
+                q, stride = p[f"stage{s}/block{b}"], 2 if s > 0 and b == 0 else 1
+                out = jax.nn.relu(batch_norm(conv(h, q["conv1"], stride), q["bn1"]))
+                out = batch_norm(conv(out, q["conv2"]), q["bn2"])
+                short = batch_norm(conv(h, q["proj"], stride), q["bn_proj"]) if "proj" in q else h
+                h = jax.nn.relu(out + short)
+        return h.mean(axis=(1, 2)) @ p["fc"]["w"] + p["fc"]["b"]
+
+    return apply_fn, params
+
+
 # The released implementation's cost (OBA_SPEC.md §10: 2-core CPU, torch CPU): fwd+bwd, OBA.
 AUTHORS = {"resnet32": (9.98, 193.1, 128), "vgg19": (1.55, 13.7, 64)}
 
@@ -61,12 +109,14 @@ MODELS = {
     "vit": (lambda: models.make_spec("vit", config_name="vit_small_cifar"), 64),
     # Not in the default set: a shorter model for many-round OBA-vs-fastoba comparisons.
     "resnet20": (lambda: models.make_spec("resnet_cifar", depth=20, width_multiplier=4), 32),
+    # Not a zoo model: the pure-JAX ResNet of `user_resnet` (the "API call" rows were specified on it).
+    "user-resnet": (None, 64),
 }
 DEFAULT_MODELS = ("resnet32", "vgg19", "vit")
 QUICK = {
     "resnet8": (lambda: models.make_spec("resnet_cifar", depth=8, width_multiplier=1), 4),
 }
-ROWS = ("grad", "grad+fastconv", "taylor", "fastoba", "oba", "oba-nativeconv")
+ROWS = ("grad", "grad+fastconv", "taylor", "fastoba", "oba", "oba-nativeconv", "api-oba", "api-taylor")
 
 
 def _max_rss_mb() -> float:
@@ -124,6 +174,15 @@ def _compile(fn, args, warmup: bool) -> dict:
                 rss_mb=max(_max_rss_mb() - rss0, 0.0))
 
 
+def _api_call(method: str, apply, params, x, y) -> dict:
+    """A whole public `oba_jax.score` call (first call untimed: it traces and compiles)."""
+    call = lambda: oba_jax.score(apply, params, [(x, y)], method=method).sum
+    rss0 = _max_rss_mb()
+    jax.block_until_ready(call())
+    nan = float("nan")
+    return dict(fn=lambda: call(), args=(), gflop=nan, gbytes=nan, temp_mb=nan, rss_mb=max(_max_rss_mb() - rss0, 0.0))
+
+
 def _timed(compiled, args) -> float:
     t0 = time.perf_counter()
     jax.block_until_ready(compiled(*args))
@@ -134,19 +193,23 @@ def bench_model(name: str, make_spec, batch: int, repeats: int, rows, warmup: bo
                 bn_mode: str = "train") -> list[dict]:
     """Every row compiled first, then timed in `repeats` rounds of one run per row, so that a slow
     spell of the machine falls on every row alike (rows are compared round by round)."""
-    spec = make_spec()
-    h, w, c = models.input_shape(spec)
+    spec = make_spec() if make_spec is not None else None
+    h, w, c = models.input_shape(spec) if spec is not None else (32, 32, 3)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(batch, h, w, c)), jnp.float32)
-    apply, params = _split(spec, bn_mode=bn_mode)
+    apply, params = _split(spec, bn_mode=bn_mode) if spec is not None else user_resnet()
     y = jnp.asarray(rng.integers(0, apply(params, x[:1]).shape[-1], size=batch), jnp.int32)
     compiled = {}
     saved = os.environ.get("OBA_JAX_FAST_CONV")
     try:
         with jax.default_matmul_precision("highest"):
             for row in rows:
+                if row.startswith("api-"):
+                    continue   # after the environment is restored: the API call reads it on every call
                 if row in ("grad", "grad+fastconv"):
-                    a, p = _split(spec, fast_conv_modules=row == "grad+fastconv", bn_mode=bn_mode)
+                    if spec is None and row == "grad+fastconv":
+                        raise SystemExit("grad+fastconv needs a zoo model (its nnx.Conv modules take the fast conv)")
+                    a, p = _split(spec, fast_conv_modules=row == "grad+fastconv", bn_mode=bn_mode) if spec else (apply, params)
                     fn, args = _grad_fn(a), (p, x, y)
                 else:
                     method = "oba" if row.startswith("oba") else row
@@ -158,6 +221,10 @@ def bench_model(name: str, make_spec, batch: int, repeats: int, rows, warmup: bo
             os.environ.pop("OBA_JAX_FAST_CONV", None)
         else:
             os.environ["OBA_JAX_FAST_CONV"] = saved
+    with jax.default_matmul_precision("highest"):
+        for row in rows:
+            if row.startswith("api-"):
+                compiled[row] = _api_call(row[len("api-"):], apply, params, x, y)
     times: dict[str, list[float]] = {row: [] for row in rows}
     for k in range(repeats):
         for row in rows:
@@ -173,6 +240,10 @@ def _round_ratio(a: dict, b: dict) -> float:
     return statistics.median(ta / tb for ta, tb in zip(a["times"], b["times"]))
 
 
+def _fmt(value: float, spec: str) -> str:
+    return "–" if value != value else format(value, spec)   # NaN: not measured for this row
+
+
 def print_table(results: list[dict]) -> None:
     print("| model, batch | method | s / batch | × grad | × grad+fastconv | × fastoba (per round) | GFLOP | GB moved "
           "| temp MB | RSS+ MB |")
@@ -184,8 +255,9 @@ def print_table(results: list[dict]) -> None:
         g, gf, fo = rows.get("grad"), rows.get("grad+fastconv"), rows.get("fastoba")
         for row, r in rows.items():
             ratios = [f"{_round_ratio(r, base):.2f}" if base else "–" for base in (g, gf, fo)]
-            print(f"| {name}, {batch} | {row} | {r['seconds']:.3f} | {' | '.join(ratios)} | {r['gflop']:.1f} | "
-                  f"{r['gbytes']:.1f} | {r['temp_mb']:.0f} | {r['rss_mb']:.0f} |")
+            cols = [_fmt(r["gflop"], ".1f"), _fmt(r["gbytes"], ".1f"), _fmt(r["temp_mb"], ".0f")]
+            print(f"| {name}, {batch} | {row} | {r['seconds']:.3f} | {' | '.join(ratios)} | {' | '.join(cols)} | "
+                  f"{r['rss_mb']:.0f} |")
         if name in AUTHORS and AUTHORS[name][2] == batch:
             fb, oba, _ = AUTHORS[name]
             print(f"| {name}, {batch} | authors (torch, §10): fwd+bwd / OBA | {fb} / {oba} | {oba / fb:.1f} | – | – | – | – | – | – |")

@@ -1,4 +1,4 @@
-"""Model families built from explicit architecture specs (see docs/readme_parts/models.md).
+"""Model families built from explicit architecture specs (README.md, "Models").
 
 A spec is a frozen dataclass of widths/depths; ``build_model(spec, rngs=...)`` returns a Flax NNX
 module mapping NHWC float32 images to logits (batch, num_classes). A pruned model is the same

@@ -1,10 +1,11 @@
 """Layers found by dataflow: one test per construct, each scored in float64 against a dense-Hessian oracle.
 
 Every network here has only ReLU nonlinearities and bilinear products, so OBA's H̃ is the Hessian of
-the loss minus its Gauss–Newton term (OBA_SPEC.md §2, "special case"): the oracle below builds both
+the loss minus its Gauss–Newton term (OBA_SPEC.md §2, "special case"): the oracle builds both
 with `jax.hessian` / `jax.jacobian` on the flat parameter vector and takes `v ⊙ (H − G)v` with v = θ on
 the leaves the test expects to be scored (zero elsewhere). Both constructions of the score (the
-default written-out tangent and `parts=True`'s forward-over-reverse HVPs) are checked.
+default written-out tangent and `parts=True`'s forward-over-reverse HVPs) are checked
+(oracle: `tests/oracles.py`).
 """
 import jax
 import jax.flatten_util
@@ -14,7 +15,8 @@ import pytest
 from jax import lax
 
 import oba_jax
-from oba_jax import score, softmax_cross_entropy
+from oba_jax import score
+from oracles import h_minus_g
 
 relu = jax.nn.relu
 
@@ -27,26 +29,6 @@ def _rng_params(seed, **shapes):
 def _data(seed, shape, classes):
     rng = np.random.default_rng(seed)
     return jnp.asarray(rng.normal(size=shape)), jnp.asarray(rng.integers(0, classes, shape[0]), jnp.int32)
-
-
-def h_minus_g(apply, params, x, y, scored):
-    """`v ⊙ (H − G)v`, v = θ on the leaves in `scored` (by path), from dense float64 matrices."""
-    flat, unravel = jax.flatten_util.ravel_pytree(params)
-    paths = oba_jax.leaf_paths(params)
-    mask = np.concatenate([np.full(np.size(l), 1.0 if p in scored else 0.0)
-                           for p, l in zip(paths, jax.tree_util.tree_leaves(params))])
-    assert set(scored) <= set(paths)
-
-    @jax.jit
-    def oracle(flat):
-        logits_of = lambda f: apply(unravel(f), x)
-        H = jax.hessian(lambda f: softmax_cross_entropy(logits_of(f), y))(flat)
-        z = logits_of(flat)
-        J = jax.jacobian(logits_of)(flat).reshape(-1, flat.size)
-        Hz = jax.hessian(lambda zz: softmax_cross_entropy(zz.reshape(z.shape), y))(z.reshape(-1))
-        v = flat * mask
-        return v * ((H - J.T @ Hz @ J) @ v)
-    return np.asarray(oracle(flat))
 
 
 def check_scores(apply, params, x, y, scored, tol=1e-8):

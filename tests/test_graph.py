@@ -1,7 +1,6 @@
 """The connectivity map on models written the way users write them (plain NNX modules, pure functions)."""
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
 

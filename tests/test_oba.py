@@ -9,6 +9,7 @@ from flax import nnx
 import oba_jax
 from oba_jax import score, softmax_cross_entropy
 from nets import gated_apply, gated_params, mlp_apply, mlp_params
+from oracles import h_minus_g
 
 sg = jax.lax.stop_gradient
 
@@ -20,21 +21,6 @@ def _data(seed, shape, classes, dtype=np.float64):
 
 def _flat(tree):
     return np.asarray(jax.flatten_util.ravel_pytree(tree)[0])
-
-
-def _h_minus_g(apply, params, x, y):
-    """θ ⊙ (H − G)θ from dense matrices: H the loss Hessian, G the Gauss–Newton matrix."""
-    flat, unravel = jax.flatten_util.ravel_pytree(params)
-
-    @jax.jit  # one compilation instead of op-by-op dispatch of the dense matrices
-    def oracle(flat):
-        logits_of = lambda f: apply(unravel(f), x)
-        H = jax.hessian(lambda f: softmax_cross_entropy(logits_of(f), y))(flat)
-        z = logits_of(flat)
-        J = jax.jacobian(logits_of)(flat).reshape(-1, flat.size)
-        Hz = jax.hessian(lambda zz: softmax_cross_entropy(zz.reshape(z.shape), y))(z.reshape(-1))
-        return flat * ((H - J.T @ Hz @ J) @ flat)
-    return np.asarray(oracle(flat))
 
 
 def _linearised_oracle(surrogate_logits, params, x, y, mask=None):
@@ -66,7 +52,7 @@ def test_relu_mlp_equals_h_minus_gauss_newton(x64):
     params = mlp_params((6, 5, 4, 3))
     x, y = _data(0, (7, 6), 3)
     r = score(mlp_apply, params, [(x, y)], dtype=jnp.float64)
-    _assert_rel(_flat(r.sum), _h_minus_g(mlp_apply, params, x, y), 1e-8)
+    _assert_rel(_flat(r.sum), h_minus_g(mlp_apply, params, x, y), 1e-8)
 
 
 def test_relu_cnn_without_bn_equals_h_minus_gauss_newton(x64):
@@ -85,7 +71,7 @@ def test_relu_cnn_without_bn_equals_h_minus_gauss_newton(x64):
 
     x, y = _data(2, (4, 6, 6, 2), 3)
     r = score(cnn, params, [(x, y)], dtype=jnp.float64)
-    _assert_rel(_flat(r.sum), _h_minus_g(cnn, params, x, y), 1e-8)
+    _assert_rel(_flat(r.sum), h_minus_g(cnn, params, x, y), 1e-8)
 
 
 def test_gelu_mlp_matches_linearised_dense_hessian(x64):

@@ -17,9 +17,8 @@ import optax
 import pytest
 from flax import nnx
 
-from models import build_model, make_spec
+from models import build_model
 from oba_jax.experiment import config as config_lib, training as train_lib
-from oba_jax.experiment.data import synthetic_dataset
 from oba_jax.losses import cross_entropy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

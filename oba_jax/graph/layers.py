@@ -32,7 +32,7 @@ from typing import Any, Mapping, Union
 import numpy as np
 from jax import lax
 
-from oba_jax.program import Equation, EqnKey, Program, bind, call_kind, run, sub_programs
+from oba_jax.program import Equation, EqnKey, Program, bind, call_kind, open_jaxpr, run, sub_programs
 from oba_jax.program.primitives import LAYER_PRODUCTS, SHAPE_OPS, UNARY_VIEWS, is_float, reshape_groups
 
 __all__ = ["Layer", "LayerUse", "FoundLayers", "find_layers"]
@@ -319,13 +319,13 @@ class _LayerSearch:
         elif name == "scan":
             p = eqn.params
             nc, nk = p["num_consts"], p["num_carry"]
-            return self._loop(p["jaxpr"], ins[:nc], ins[nc:nc + nk], ins[nc + nk:], key, len(eqn.outvars))
+            return self._loop(open_jaxpr(p["jaxpr"]), ins[:nc], ins[nc:nc + nk], ins[nc + nk:], key, len(eqn.outvars))
         elif name == "while":
             p = eqn.params
             cc, bc = p["cond_nconsts"], p["body_nconsts"]
             carry = ins[cc + bc:]
-            (cj, cconsts), (bj, bconsts) = _open_pair(p["cond_jaxpr"]), _open_pair(p["body_jaxpr"])
-            outs = self._loop((bj, bconsts), ins[cc:cc + bc], carry, [], key, len(carry))
+            cj, cconsts = open_jaxpr(p["cond_jaxpr"])
+            outs = self._loop(open_jaxpr(p["body_jaxpr"]), ins[cc:cc + bc], carry, [], key, len(carry))
             run(cj, [self.constant(c) for c in cconsts], [*ins[:cc], *outs], self, key)
             return outs
         elif sub_programs(eqn):
@@ -336,7 +336,7 @@ class _LayerSearch:
         return [joined] * len(eqn.outvars)
 
     def _loop(self, body, consts, carry, xs, key, n_out) -> list[_Taint]:
-        jaxpr, body_consts = body if isinstance(body, tuple) else _open_pair(body)
+        jaxpr, body_consts = body
         for _ in range(len(carry) + 2):
             outs = run(jaxpr, [self.constant(c) for c in body_consts], [*consts, *carry, *xs], self, key)
             new = [c | o for c, o in zip(carry, outs)]
@@ -344,10 +344,6 @@ class _LayerSearch:
                 break
             carry = new
         return [*carry, *outs[len(carry):]][:n_out]
-
-
-def _open_pair(closed: Any) -> tuple[Any, list[Any]]:
-    return (closed.jaxpr, list(closed.consts)) if hasattr(closed, "consts") else (closed, [])
 
 
 def _taint(v: Value) -> _Taint:

@@ -29,7 +29,7 @@ from jax.extend import core as jcore
 
 __all__ = [
     "CALLS", "PLAIN_CALLS", "Equation", "EqnKey", "Jaxpr", "Rules", "bind", "bind_with", "call_kind",
-    "equation_context", "run", "sub_programs", "walk_into",
+    "equation_context", "open_jaxpr", "run", "sub_programs", "walk_into",
 ]
 
 V = TypeVar("V")
@@ -69,7 +69,7 @@ def call_kind(eqn: Equation) -> str | None:
         return "call"
     if name == "cond" and isinstance(eqn.invars[0], jcore.Literal):
         return "cond"
-    if name == "scan":
+    if name == "scan" and eqn.params["length"] > 0:
         return "scan"
     return None
 
@@ -101,7 +101,8 @@ def walk_into(eqn: Equation, ins: list[V], rules: Rules[V], key: EqnKey) -> list
         return _ENTER[call_kind(eqn)](eqn, ins, rules, key)
 
 
-def _open(sub: Any) -> tuple[Jaxpr, list[Any]]:
+def open_jaxpr(sub: Any) -> tuple[Jaxpr, list[Any]]:
+    """`(jaxpr, consts)` of a closed or open jaxpr."""
     if isinstance(sub, jcore.ClosedJaxpr):
         return sub.jaxpr, list(sub.consts)
     return sub, []
@@ -116,7 +117,7 @@ def _call_body(eqn: Equation) -> Any:
 
 
 def _run_closed(sub: Any, args: Sequence[V], rules: Rules[V], key: EqnKey) -> list[V]:
-    jaxpr, consts = _open(sub)
+    jaxpr, consts = open_jaxpr(sub)
     # A call's trailing operands are its body's inputs (custom_jvp/vjp calls may lead with more).
     return run(jaxpr, [rules.constant(c) for c in consts], args[len(args) - len(jaxpr.invars):], rules, key)
 
@@ -152,7 +153,7 @@ def sub_programs(eqn: Equation) -> list[tuple[Jaxpr, list[Any]]]:
     for value in eqn.params.values():
         for item in (value if isinstance(value, (tuple, list)) else (value,)):
             if isinstance(item, (jcore.ClosedJaxpr, jcore.Jaxpr)):
-                subs.append(_open(item))
+                subs.append(open_jaxpr(item))
     return subs
 
 

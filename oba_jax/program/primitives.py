@@ -1,7 +1,6 @@
 """Classes of primitives, by how the OBA analyses treat them."""
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
