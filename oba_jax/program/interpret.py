@@ -16,8 +16,8 @@ Equation keys: the key of an equation is `ctx + (id(eqn),)` where `ctx` is the k
 contains it (plus the iteration number inside an unrolled scan). One jitted function called at two
 sites shares its jaxpr object, so the key, not the equation, names a place in the program.
 
-This module (with `trace`) is the only one that touches JAX's internal jaxpr API (`jax.extend.core`,
-`get_bind_params`, equation contexts): a JAX upgrade that moves them breaks these two files only.
+This module is the only one that touches JAX's internal jaxpr API (`jax.extend.core`,
+`get_bind_params`, equation contexts): a JAX upgrade that moves them breaks this file only.
 """
 from __future__ import annotations
 
@@ -28,13 +28,14 @@ from typing import Any, Protocol, TypeVar
 from jax.extend import core as jcore
 
 __all__ = [
-    "CALLS", "PLAIN_CALLS", "Equation", "EqnKey", "Jaxpr", "Rules", "bind", "bind_with", "call_kind",
+    "CALLS", "ClosedJaxpr", "PLAIN_CALLS", "Equation", "EqnKey", "Jaxpr", "Rules", "bind", "bind_with", "call_kind",
     "equation_context", "open_jaxpr", "run", "sub_programs", "walk_into",
 ]
 
 V = TypeVar("V")
 Equation = jcore.JaxprEqn
 Jaxpr = jcore.Jaxpr
+ClosedJaxpr = jcore.ClosedJaxpr
 EqnKey = tuple[int, ...]
 
 CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "checkpoint", "remat", "remat2",

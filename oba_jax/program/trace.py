@@ -7,9 +7,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.extend import core as jcore
-
 from oba_jax.paths import leaf_paths
+from oba_jax.program.interpret import ClosedJaxpr, Jaxpr
 
 __all__ = ["Program", "check_param_leaves", "trace_program"]
 
@@ -19,7 +18,7 @@ class Program:
     """A traced `apply_fn(params, inputs)`: the jaxpr, whose first `n_params` inputs are the parameter
     leaves (named by `paths`, in flattening order) and the rest the input leaves."""
 
-    closed: jcore.ClosedJaxpr
+    closed: ClosedJaxpr
     paths: tuple[str, ...]
     params_treedef: Any
     out_shape: tuple[int, ...]
@@ -29,7 +28,7 @@ class Program:
         return len(self.paths)
 
     @property
-    def jaxpr(self) -> jcore.Jaxpr:
+    def jaxpr(self) -> Jaxpr:
         return self.closed.jaxpr
 
     @property
