@@ -1,6 +1,8 @@
 """Layer 2: what the program is — parameter layers found by dataflow, roles, the connectivity map."""
 from oba_jax.graph.connectivity import Analysis, Connectivity, ParallelProduct, Role, analyse, connectivity
+from oba_jax.graph.groups import KINDS, ChannelGroup, GroupMember, channel_groups, find_groups
 from oba_jax.graph.layers import FoundLayers, Layer, LayerUse, find_layers
 
-__all__ = ["Analysis", "Connectivity", "FoundLayers", "Layer", "LayerUse", "ParallelProduct", "Role", "analyse",
+__all__ = ["KINDS", "Analysis", "ChannelGroup", "Connectivity", "FoundLayers", "GroupMember", "channel_groups",
+           "find_groups", "Layer", "LayerUse", "ParallelProduct", "Role", "analyse",
            "connectivity", "find_layers"]

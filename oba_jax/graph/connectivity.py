@@ -331,5 +331,5 @@ def connectivity(apply_fn: Callable, params: Any, example_inputs: Any) -> Connec
     `params` is any pytree of arrays (an `nnx.State`, a dict, ...); `example_inputs` only needs the
     right shapes and dtypes. The program is traced once with `jax.make_jaxpr`.
     """
-    check_param_leaves(params)
+    check_param_leaves(params, abstract=True)
     return analyse(trace_program(apply_fn, params, example_inputs)).graph

@@ -39,11 +39,14 @@ class Program:
         return self.closed.jaxpr.invars[leaf].aval
 
 
-def check_param_leaves(params: Any) -> list[Any]:
-    """The leaves of `params`; a `TypeError` naming the first leaf that is not an array."""
+def check_param_leaves(params: Any, *, abstract: bool = False) -> list[Any]:
+    """The leaves of `params`; a `TypeError` naming the first leaf that is not an array
+    (`abstract=True`: `jax.ShapeDtypeStruct`s, e.g. of `nnx.eval_shape`, are fine too — for analyses
+    that need shapes only)."""
+    kinds = (jax.Array, np.ndarray, jax.ShapeDtypeStruct) if abstract else (jax.Array, np.ndarray)
     leaves = jax.tree_util.tree_leaves(params)
     for path, leaf in zip(leaf_paths(params), leaves):
-        if not isinstance(leaf, (jax.Array, np.ndarray)) or not hasattr(leaf, "dtype"):
+        if not isinstance(leaf, kinds) or not hasattr(leaf, "dtype"):
             raise TypeError(f"parameter leaf {path!r} is a {type(leaf).__name__}, not an array; "
                             "pass a pytree whose leaves are jax or numpy arrays")
     return leaves
