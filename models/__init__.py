@@ -12,7 +12,7 @@ from flax import nnx
 from models.cnn import MLP, VGG, ResNet50, ResNetCifar
 from models.specs import (FAMILIES, VGG_CFGS, VIT_CONFIGS, MLPSpec, ResNet50Spec, ResNetCifarSpec,
                           Spec, VGGSpec, ViTSpec, input_shape, make_spec, spec_from_dict,
-                          spec_to_dict)
+                          spec_from_shapes, spec_to_dict)
 from models.vit import ViT
 
 _MODEL_CLASSES = {MLPSpec: MLP, VGGSpec: VGG, ResNetCifarSpec: ResNetCifar,
@@ -28,7 +28,7 @@ def build_model(spec: Spec, *, rngs: nnx.Rngs) -> nnx.Module:
 
 
 __all__ = [
-    "build_model", "spec_to_dict", "spec_from_dict", "make_spec", "input_shape", "FAMILIES",
+    "build_model", "spec_to_dict", "spec_from_dict", "spec_from_shapes", "make_spec", "input_shape", "FAMILIES",
     "Spec", "MLPSpec", "VGGSpec", "ResNetCifarSpec", "ResNet50Spec", "ViTSpec", "VGG_CFGS",
     "VIT_CONFIGS", "MLP", "VGG", "ResNetCifar", "ResNet50", "ViT",
 ]

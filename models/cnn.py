@@ -6,10 +6,19 @@ import jax
 from flax import nnx
 
 from models.layers import batch_norm, conv, global_avg_pool, linear, max_pool
-from models.specs import MLPSpec, ResNet50Spec, ResNetCifarSpec, VGGSpec
+from models.specs import MLPSpec, ResNet50Spec, ResNetCifarSpec, Spec, VGGSpec, spec_from_shapes
 
 
-class MLP(nnx.Module):
+class SpecModel(nnx.Module):
+    """A zoo model: built from `self.spec`; `spec_from_shapes` is the spec its (resized) parameters imply."""
+
+    spec: Spec
+
+    def spec_from_shapes(self, shapes) -> Spec:
+        return spec_from_shapes(self.spec, shapes)
+
+
+class MLP(SpecModel):
     """Flatten -> [Linear + ReLU] per ``spec.hidden`` -> ``head`` Linear. Paths: layers/i, head."""
 
     def __init__(self, spec: MLPSpec, *, rngs: nnx.Rngs):
@@ -37,7 +46,7 @@ class ConvBN(nnx.Module):
         return self.bn(self.conv(x))
 
 
-class VGG(nnx.Module):
+class VGG(SpecModel):
     """CIFAR VGG-BN: conv3x3+BN+ReLU per int of ``cfg``, 2x2 max-pool per 'M', GAP, ``fc``.
 
     Paths: layers/i/conv, layers/i/bn (i counts convs only), fc. Global average pooling equals the
@@ -96,7 +105,7 @@ class Stage(nnx.Module):
         return x
 
 
-class ResNetCifar(nnx.Module):
+class ResNetCifar(SpecModel):
     """CIFAR ResNet: stem conv3x3+BN+ReLU, stages of basic blocks (stride 1, 2, 2, ...), GAP, fc.
 
     Paths: conv1, bn1, stages/s/blocks/b/{conv1,bn1,conv2,bn2,downsample/{conv,bn}}, fc.
@@ -146,7 +155,7 @@ class Bottleneck(nnx.Module):
         return nnx.relu(y + shortcut)
 
 
-class ResNet50(nnx.Module):
+class ResNet50(SpecModel):
     """ImageNet bottleneck ResNet: 7x7/2 stem + BN + ReLU + 3x3/2 max-pool, 4 stages, GAP, fc.
 
     Paths: conv1, bn1, stages/s/blocks/b/{conv1..3,bn1..3,downsample/{conv,bn}}, fc. The first

@@ -9,6 +9,7 @@ offending field.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
 # Named VGG configurations (CIFAR VGG-BN). vgg19 follows the paper's released code: no max-pool
@@ -182,6 +183,10 @@ class ViTSpec:
 
     Per-layer ``num_heads``, ``head_dim`` and ``mlp_dim`` so heads, head dims and MLP units can be
     pruned per layer; ``hidden_dim`` is the residual-stream width shared by all layers.
+    ``value_head_dim`` (default: ``head_dim``) is the per-head width of the values (and of the
+    out-projection's input), which prunes separately from the query/key width; ``score_dim`` (default:
+    ``head_dim``) is the d of the attention scale 1/√d, kept at the unpruned width when head dims are
+    pruned so that the pruned model computes exactly what the masked one does.
     """
 
     image_size: int = 224
@@ -193,17 +198,22 @@ class ViTSpec:
     head_dim: tuple[int, ...] = (64,) * 12
     mlp_dim: tuple[int, ...] = (3072,) * 12
     num_classes: int = 1000
+    value_head_dim: tuple[int, ...] | None = None
+    score_dim: tuple[int, ...] | None = None
     family: str = dataclasses.field(default="vit", init=False)
 
     def __post_init__(self) -> None:
         f = "vit"
-        for name in ("num_heads", "head_dim", "mlp_dim"):
+        for name in ("num_heads", "head_dim", "mlp_dim", "value_head_dim", "score_dim"):
             object.__setattr__(self, name, _as_tuple(getattr(self, name), 1))
         for name in ("image_size", "patch_size", "in_channels", "hidden_dim", "num_layers",
                      "num_classes"):
             _positive_int(f, name, getattr(self, name))
         for name in ("num_heads", "head_dim", "mlp_dim"):
             _positive_ints(f, name, getattr(self, name), self.num_layers)
+        for name in ("value_head_dim", "score_dim"):
+            if getattr(self, name) is not None:
+                _positive_ints(f, name, getattr(self, name), self.num_layers)
         if self.image_size % self.patch_size:
             raise _err(f, "image_size", f"must be divisible by patch_size={self.patch_size}")
 
@@ -211,6 +221,14 @@ class ViTSpec:
     def num_patches(self) -> int:
         """Number of image tokens (excluding the class token)."""
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def value_dims(self) -> tuple[int, ...]:
+        return self.head_dim if self.value_head_dim is None else self.value_head_dim
+
+    @property
+    def score_dims(self) -> tuple[int, ...]:
+        return self.head_dim if self.score_dim is None else self.score_dim
 
 
 Spec = Union[MLPSpec, VGGSpec, ResNetCifarSpec, ResNet50Spec, ViTSpec]
@@ -324,6 +342,56 @@ def make_spec(family: str, **overrides: Any) -> Spec:
     if family == "vit":
         return _vit(**overrides)
     raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
+
+
+def _width(shapes: Mapping[str, Sequence[int]], path: str, axis: int = -1) -> int:
+    if path not in shapes:
+        raise ValueError(f"spec_from_shapes: no parameter {path!r} among the shapes given")
+    return int(shapes[path][axis])
+
+
+def spec_from_shapes(spec: Spec, shapes: Mapping[str, Sequence[int]],
+                     num_heads: Sequence[int] | None = None) -> Spec:
+    """The spec of the same family whose model has parameters of these `shapes` (`{path: shape}`,
+    paths relative to the `nnx.Param` state, as `models` names them): the smaller spec a structurally
+    pruned parameter tree implies. For a ViT, `num_heads` gives the heads per layer (the shapes alone
+    do not split `heads × head_dim`); by default they are the spec's."""
+    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.init}
+    if isinstance(spec, MLPSpec):
+        fields["hidden"] = tuple(_width(shapes, f"layers/{i}/kernel") for i in range(len(spec.hidden)))
+    elif isinstance(spec, VGGSpec):
+        widths = iter(_width(shapes, f"layers/{i}/conv/kernel") for i in range(sum(v != "M" for v in spec.cfg)))
+        fields["cfg"] = tuple(v if v == "M" else next(widths) for v in spec.cfg)
+    elif isinstance(spec, ResNetCifarSpec):
+        fields["stage_widths"] = tuple(_width(shapes, f"stages/{s}/blocks/0/conv2/kernel")
+                                       for s in range(len(spec.stage_widths)))
+        fields["block_widths"] = tuple(tuple(_width(shapes, f"stages/{s}/blocks/{b}/conv1/kernel") for b in range(n))
+                                       for s, n in enumerate(spec.blocks_per_stage))
+    elif isinstance(spec, ResNet50Spec):
+        fields["stem_width"] = _width(shapes, "conv1/kernel")
+        fields["stage_widths"] = tuple(_width(shapes, f"stages/{s}/blocks/0/conv3/kernel")
+                                       for s in range(len(spec.stage_widths)))
+        fields["block_widths"] = tuple(
+            tuple((_width(shapes, f"stages/{s}/blocks/{b}/conv1/kernel"), _width(shapes, f"stages/{s}/blocks/{b}/conv2/kernel"))
+                  for b in range(n)) for s, n in enumerate(spec.blocks_per_stage))
+    elif isinstance(spec, ViTSpec):
+        heads = tuple(spec.num_heads if num_heads is None else (int(h) for h in num_heads))
+        dims = {}
+        for name, proj in (("head_dim", "query"), ("value_head_dim", "value")):
+            inner = [_width(shapes, f"layers/{i}/attention/{proj}/kernel") for i in range(spec.num_layers)]
+            bad = [i for i, (w, h) in enumerate(zip(inner, heads)) if w % h]
+            if bad:
+                raise ValueError(f"spec_from_shapes: layer {bad[0]}'s {proj} width {inner[bad[0]]} is not a multiple "
+                                 f"of its {heads[bad[0]]} heads")
+            dims[name] = tuple(w // h for w, h in zip(inner, heads))
+        fields.update(hidden_dim=_width(shapes, "conv_proj/kernel"), num_heads=heads, head_dim=dims["head_dim"],
+                      value_head_dim=None if dims["value_head_dim"] == dims["head_dim"] else dims["value_head_dim"],
+                      mlp_dim=tuple(_width(shapes, f"layers/{i}/mlp_in/kernel") for i in range(spec.num_layers)))
+        score = spec.score_dims
+        fields["score_dim"] = None if score == fields["head_dim"] else score
+    else:
+        raise ValueError(f"not a model spec: {spec!r}")
+    return type(spec)(**fields)
 
 
 def input_shape(spec: Spec) -> tuple[int, int, int]:

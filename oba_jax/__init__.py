@@ -5,10 +5,11 @@ from oba_jax.losses import softmax_cross_entropy
 from oba_jax.paths import leaf_paths
 from oba_jax.scores import (IMPORTANCE, METHODS, LayerChannelScores, ScoreResult, Scorer, channel_scores,
                             model_apply, model_connectivity, score, score_model, scorer)
-from oba_jax.structured import model_channel_groups
+from oba_jax.structured import mask_model, mask_params, model_channel_groups, shrink_model, shrink_params
 
 __all__ = [
-    "IMPORTANCE", "METHODS", "ChannelGroup", "Connectivity", "GroupMember", "Layer", "LayerChannelScores", "ParallelProduct", "ScoreResult",
-    "MacCount", "Scorer", "channel_groups", "channel_scores", "connectivity", "count_macs", "count_params", "leaf_paths", "model_apply", "model_channel_groups", "model_connectivity", "score",
-    "score_model", "scorer", "softmax_cross_entropy",
+    "IMPORTANCE", "METHODS", "ChannelGroup", "Connectivity", "GroupMember", "Layer", "LayerChannelScores",
+    "MacCount", "ParallelProduct", "ScoreResult", "Scorer", "channel_groups", "channel_scores", "connectivity",
+    "count_macs", "count_params", "leaf_paths", "mask_model", "mask_params", "model_apply", "model_channel_groups",
+    "model_connectivity", "score", "score_model", "scorer", "shrink_model", "shrink_params", "softmax_cross_entropy",
 ]
