@@ -17,9 +17,11 @@ equation named; so do a group that reaches the model's inputs or the logits, and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -29,7 +31,7 @@ from oba_jax.paths import matches
 from oba_jax.program import Equation, EqnKey, Program, call_kind, check_param_leaves, run, trace_program
 from oba_jax.program.primitives import is_float, reshape_groups
 
-__all__ = ["ChannelGroup", "GroupMember", "KINDS", "channel_groups", "find_groups"]
+__all__ = ["ChannelGroup", "GroupGraph", "GroupMember", "KINDS", "channel_groups", "find_groups"]
 
 KINDS = ("channels", "hidden", "heads", "head_dim", "embed")
 
@@ -42,9 +44,11 @@ class GroupMember:
     path: str
     axis: int
     indices: np.ndarray          # (group size, entries per channel), ascending per row
+    role: str = "other"          # "out" / "in": a layer weight's output / input channels; "bias"; "other"
+    layer: str | None = None     # the layer (its weight path) of an "out" / "in" / "bias" member
 
     def __repr__(self) -> str:
-        return f"GroupMember({self.path!r}, axis={self.axis}, {self.indices.shape[1]} per channel)"
+        return f"GroupMember({self.path!r}, axis={self.axis}, {self.role}, {self.indices.shape[1]} per channel)"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -307,6 +311,7 @@ class _Groups:
         self.nodes = _Nodes()
         self.found = found
         self.heads: set[int] = set()
+        self.products: list[tuple[int, tuple[int | None, ...], bool]] = []   # (MACs, axis nodes, attention)
 
     # -- interpreter hooks ------------------------------------------------------------------
     def constant(self, value: Any) -> _Val:
@@ -492,7 +497,11 @@ def _dot_general(g: _Groups, eqn: Equation, ins: list[_Val], where: str) -> list
         g.heads.update(n for n in batch if n is not None)
     free_a = [n for i, n in enumerate(a.axes) if i not in lc and i not in lb]
     free_b = [n for i, n in enumerate(b.axes) if i not in rc and i not in rb]
-    return [tuple(batch + free_a + free_b)]
+    out = tuple(batch + free_a + free_b)
+    if a.act or b.act:   # per-example work: its MACs shrink with the kept fraction of every axis involved
+        macs = math.prod(_shape(eqn.outvars[0])) * math.prod(_shape(eqn.invars[0])[d] for d in lc)
+        g.products.append((macs, out + tuple(a.axes[x] for x in lc), a.act and b.act))
+    return [out]
 
 
 def _conv(g: _Groups, eqn: Equation, ins: list[_Val], where: str) -> list[tuple]:
@@ -520,6 +529,9 @@ def _conv(g: _Groups, eqn: Equation, ins: list[_Val], where: str) -> list[tuple]
             if n is not None:
                 g.nodes.block(n, why)
     out[dn.out_spec[1]] = out_node
+    if lhs.act or rhs.act:
+        macs = math.prod(out_shape) * math.prod(rhs_shape[d] for d in dn.rhs_spec[2:]) * rhs_shape[k_in]
+        g.products.append((macs, (out_node, rhs.axes[k_in]), lhs.act and rhs.act))
     return [tuple(out)]
 
 
@@ -654,8 +666,8 @@ class _Leaf:
     nodes: tuple[int | None, ...]
 
 
-def find_groups(program: Program, found: FoundLayers | None = None, ignore: Sequence[str] = ()) -> tuple[ChannelGroup, ...]:
-    """The channel groups of a traced program (see the module docstring)."""
+def find_groups(program: Program, found: FoundLayers | None = None, ignore: Sequence[str] = ()) -> GroupGraph:
+    """The channel groups of a traced program (see the module docstring), with what it costs."""
     found = found if found is not None else find_layers(program)
     rules = _Groups(found)
     nodes = rules.nodes
@@ -676,11 +688,66 @@ def find_groups(program: Program, found: FoundLayers | None = None, ignore: Sequ
     for n in logits.axes:
         if n is not None:
             nodes.flags.setdefault(n, set()).add("output")
-    return _collect(program, found, rules, leaves, ignore)
+    groups, atom_names = _collect(program, found, rules, leaves, ignore)
+    formula = functools.partial(_formula, nodes)
+    products = tuple((macs, tuple(formula(n) for n in axes if n is not None), attention)
+                     for macs, axes, attention in rules.products)
+    sizes = tuple((leaf.path, math.prod(program.param_aval(leaf.index).shape),
+                   tuple(formula(n) for n in leaf.nodes if n is not None)) for leaf in leaves
+                  if is_float(program.param_aval(leaf.index)))
+    return GroupGraph(groups=groups, products=products, leaves=sizes, atoms=MappingProxyType(atom_names))
+
+
+def _formula(nodes: _Nodes, n: int) -> tuple:
+    """The kept fraction of a node as a formula of its atoms' (`_fraction`)."""
+    r = nodes.find(n)
+    s = nodes.struct.get(r)
+    if s is None:
+        return ("atom", r)
+    if s[0] == "factor":
+        return ("factor", tuple(_formula(nodes, c) for c in s[1]))
+    return ("concat", tuple((nodes.size[nodes.find(c)], _formula(nodes, c)) for c in s[1]))
+
+
+def _fraction(formula: tuple, atoms: Mapping[int, str], kept: Mapping[str, float]) -> float:
+    kind, body = formula
+    if kind == "atom":
+        return kept.get(atoms.get(body, ""), 1.0)
+    if kind == "factor":
+        return math.prod(_fraction(f, atoms, kept) for f in body)
+    return sum(size * _fraction(f, atoms, kept) for size, f in body) / sum(size for size, _ in body)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupGraph:
+    """The channel groups of a program and what it costs as a function of the channels kept: MACs of
+    every per-example product and entries of every parameter leaf, each a product over its axes of the
+    kept fraction of the groups along them (exact for factors and concatenations of groups)."""
+
+    groups: tuple[ChannelGroup, ...]
+    products: tuple[tuple[int, tuple[tuple, ...], bool], ...]
+    leaves: tuple[tuple[str, int, tuple[tuple, ...]], ...]
+    atoms: Mapping[int, str]
+
+    def _fractions(self, kept: Mapping[str, Any]) -> dict[str, float]:
+        sizes = {g.name: g.size for g in self.groups}
+        return {name: len(idx) / sizes[name] for name, idx in kept.items()}
+
+    def macs(self, kept: Mapping[str, Any] | None = None, *, attention: bool = True) -> int:
+        """MACs (for the traced batch) with `kept` channels per group (None: the dense model)."""
+        fractions = self._fractions(kept or {})
+        return int(round(sum(macs * math.prod(_fraction(f, self.atoms, fractions) for f in axes)
+                             for macs, axes, is_attention in self.products if attention or not is_attention)))
+
+    def params(self, kept: Mapping[str, Any] | None = None) -> int:
+        """Entries of the float parameter leaves with `kept` channels per group."""
+        fractions = self._fractions(kept or {})
+        return int(round(sum(size * math.prod(_fraction(f, self.atoms, fractions) for f in axes)
+                             for _, size, axes in self.leaves)))
 
 
 def _collect(program: Program, found: FoundLayers, rules: _Groups, leaves: list[_Leaf],
-             ignore: Sequence[str]) -> tuple[ChannelGroup, ...]:
+             ignore: Sequence[str]) -> tuple[tuple[ChannelGroup, ...], dict[int, str]]:
     nodes = rules.nodes
     # Flags and reasons of any node hold for every atom under its root.
     atom_flags: dict[int, set[str]] = {}
@@ -700,15 +767,26 @@ def _collect(program: Program, found: FoundLayers, rules: _Groups, leaves: list[
             if any(k in heads for k in kids):
                 head_dims.update(k for k in kids if k not in heads and nodes.struct.get(k) is None)
 
+    layers = {program.paths[found.weight_leaves[l.name]]: l for l in found.layers}
+    roles: dict[tuple[str, int], tuple[str, str]] = {}
+    bias_of: dict[str, str] = {}
+    for layer in found.layers:
+        for axis in layer.out_axes or ():
+            roles[(layer.weight, axis)] = ("out", layer.weight)
+        for axis in layer.in_axes or ():
+            roles[(layer.weight, axis)] = ("in", layer.weight)
+        if layer.bias is not None:
+            bias_of.setdefault(layer.bias, layer.weight)
     members: dict[int, list[GroupMember]] = {}
     for leaf in leaves:
         for axis, n in enumerate(leaf.nodes):
             if n is None:
                 continue
+            role, owner = roles.get((leaf.path, axis), ("bias", bias_of[leaf.path]) if leaf.path in bias_of
+                                    else ("other", None))
             for atom, pos in nodes.positions(n).items():
-                members.setdefault(atom, []).append(GroupMember(leaf.path, axis, np.sort(pos, axis=1)))
+                members.setdefault(atom, []).append(GroupMember(leaf.path, axis, np.sort(pos, axis=1), role, owner))
 
-    layers = {program.paths[found.weight_leaves[l.name]]: l for l in found.layers}
     producers: dict[int, list[str]] = {}
     for layer in found.layers:
         if layer.out_axes is None or len(layer.out_axes) != 1:
@@ -719,7 +797,7 @@ def _collect(program: Program, found: FoundLayers, rules: _Groups, leaves: list[
             for atom in nodes.atoms(n):
                 producers.setdefault(atom, []).append(layer.weight)
 
-    groups, used_names = [], set()
+    groups, used_names, atom_names = [], set(), {}
     for atom, mems in members.items():
         flags = atom_flags.get(atom, set())
         if flags & {"batch", "spatial"} or nodes.size[atom] == 1:
@@ -752,7 +830,8 @@ def _collect(program: Program, found: FoundLayers, rules: _Groups, leaves: list[
             reason = reason or "it is in `ignore`"
         groups.append(ChannelGroup(name=name, kind=kind, size=size, prunable=reason is None,
                                    members=tuple(mems), reason=reason, producers=made_by))
-    return tuple(groups)
+        atom_names[atom] = name
+    return tuple(groups), atom_names
 
 
 def _group_name(base: str, kind: str, used: set[str]) -> str:
@@ -777,4 +856,4 @@ def channel_groups(apply_fn: Callable, params: Any, example_inputs: Any,
     `ignore`: group names, or paths (prefixes) of layers whose output channels must not shrink.
     """
     check_param_leaves(params, abstract=True)
-    return find_groups(trace_program(apply_fn, params, example_inputs), ignore=ignore)
+    return find_groups(trace_program(apply_fn, params, example_inputs), ignore=ignore).groups

@@ -1,5 +1,7 @@
-"""Layer 4: structured pruning — plans (kept channels per group), smaller models, masks."""
-from oba_jax.structured.nnx import mask_model, model_channel_groups, shrink_model
+"""Layer 4: structured pruning — group scores, plans (kept channels per group), smaller models, masks."""
+from oba_jax.structured.group_scores import NORMALIZERS, group_scores
+from oba_jax.structured.nnx import mask_model, model_channel_groups, model_group_graph, shrink_model
 from oba_jax.structured.shrink import mask_params, shrink_params
 
-__all__ = ["mask_model", "mask_params", "model_channel_groups", "shrink_model", "shrink_params"]
+__all__ = ["NORMALIZERS", "group_scores", "mask_model", "mask_params", "model_channel_groups", "model_group_graph",
+           "shrink_model", "shrink_params"]

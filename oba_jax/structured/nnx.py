@@ -3,18 +3,20 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 from flax import nnx
 
 from oba_jax import nnx_model
-from oba_jax.graph import ChannelGroup, channel_groups
+from oba_jax.graph import ChannelGroup, GroupGraph, find_groups
 from oba_jax.paths import flat_by_path
+from oba_jax.program import trace_program
 from oba_jax.scores import model_apply
 from oba_jax.structured.shrink import mask_params, shrink_params
 
-__all__ = ["mask_model", "model_channel_groups", "model_path", "shrink_model", "state_path"]
+__all__ = ["mask_model", "model_channel_groups", "model_group_graph", "model_path", "shrink_model", "state_path"]
 
 _PARAMS = "params/"
 
@@ -32,17 +34,26 @@ def state_path(path: str) -> str:
 
 
 def _relative(group: ChannelGroup) -> ChannelGroup:
-    members = tuple(dataclasses.replace(m, path=model_path(m.path)) for m in group.members)
+    members = tuple(dataclasses.replace(m, path=model_path(m.path), layer=m.layer and model_path(m.layer))
+                    for m in group.members)
     name = model_path(group.name)
     return dataclasses.replace(group, name=name, members=members, producers=tuple(map(model_path, group.producers)))
+
+
+def model_group_graph(model: nnx.Module, example_inputs: Any, ignore: Sequence[str] = (),
+                      bn_mode: str = "train") -> GroupGraph:
+    """`find_groups` of an NNX model, names and paths as `model_path` gives them (`ignore` in those terms)."""
+    apply_fn, state = model_apply(model, bn_mode)
+    program = trace_program(apply_fn, state, example_inputs)
+    graph = find_groups(program, ignore=tuple(state_path(p) for p in ignore))
+    return dataclasses.replace(graph, groups=tuple(_relative(g) for g in graph.groups),
+                               atoms=MappingProxyType({a: model_path(n) for a, n in graph.atoms.items()}))
 
 
 def model_channel_groups(model: nnx.Module, example_inputs: Any, ignore: Sequence[str] = (),
                          bn_mode: str = "train") -> tuple[ChannelGroup, ...]:
     """`channel_groups` of an NNX model; paths as `model_path` gives them (`ignore` in those terms)."""
-    apply_fn, state = model_apply(model, bn_mode)
-    groups = channel_groups(apply_fn, state, example_inputs, ignore=tuple(state_path(p) for p in ignore))
-    return tuple(_relative(g) for g in groups)
+    return model_group_graph(model, example_inputs, ignore, bn_mode).groups
 
 
 # ---------------------------------------------------------------------------------------------
