@@ -1,7 +1,6 @@
 """Group scores (OBA_SPEC.md §4) by hand on a tiny MLP, and against the authors' `g64` fixture."""
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
