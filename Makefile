@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine (Python 3.11 + pip + apt assumed):
-#   make demo   - venv, install, Fashion-MNIST, then the main job on the embedded default
+#   make demo   - venv, install, Fashion-MNIST, then the main job: train, OBA-prune to ops ratio 0.5, fine-tune
 #   make test   - venv, install with test extras, the whole test suite
 PYTHON ?= python3
 VENV := .venv
@@ -18,7 +18,7 @@ data:
 	bash scripts/ensure_fashion_mnist.sh
 
 demo: $(VENV)/.installed data
-	$(PY) train.py --config configs/fashion_mnist.py --workdir $(WORKDIR)
+	$(PY) prune.py --config configs/fashion_mnist.py --workdir $(WORKDIR)
 
 test: $(VENV)/.installed data
 	$(PY) -m pytest -n 2 --durations=15 tests

@@ -1,8 +1,19 @@
-"""oba-jax pruning CLI. Today: `score` — OBA (or baseline) importance of a trained checkpoint.
+"""oba-jax pruning CLI.
+
+Structured prune-and-finetune of the experiment a config describes (`oba_jax.experiment.pipelines`):
+
+    python prune.py --config configs/fashion_mnist.py --workdir runs/fashion_mnist [--config.KEY=VALUE ...]
+
+trains the dense model into WORKDIR/dense first unless `prune.pretrained` names a train.py workdir, then
+prunes to every target of `prune.ops_ratios`, fine-tunes, and writes WORKDIR/report.json, the plots and
+one checkpoint per target (WORKDIR/ops_<target>). Exit status 2: invalid config, 3: dataset missing,
+4: a checkpoint of another model.
+
+Importance scores of a trained checkpoint:
 
     python prune.py score --checkpoint runs/fashion_mnist --method oba --num-batches 20 --batch-size 64
 
-Writes to `--out` (default `<checkpoint>/scores_<method>`): `scores.npz` (per-parameter sums, count),
+writes to `--out` (default `<checkpoint>/scores_<method>`): `scores.npz` (per-parameter sums, count),
 `channel_scores.npz` (per-layer output/input channel sums, OBA only), `graph.txt` + `graph.dot` (the
 connectivity map), `summary.json` and `score_histogram.png`.
 """
@@ -149,11 +160,52 @@ def score_command(args: argparse.Namespace) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
-    if args.command == "score":
-        score_command(args)
+def prune_command(argv: list[str]) -> int:
+    """`prune.py --config C --workdir W [--config.k=v ...]`: the structured pipeline; the exit status."""
+    from oba_jax.experiment import config as config_lib
+
+    try:
+        rest, overrides = config_lib.split_override_args(argv)
+        parser = argparse.ArgumentParser(prog="prune.py", description=__doc__,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser.add_argument("--config", required=True, help="path to a configs/*.py file with get_config()")
+        parser.add_argument("--workdir", required=True, help="directory for the dense run, checkpoints, report, plots")
+        args = parser.parse_args(rest)
+        config = config_lib.load_config_file(args.config)
+        for key, text in overrides:
+            config_lib.apply_override(config, key, text)
+        config_lib.validate_config(config)
+        config.lock()
+    except config_lib.ConfigError as e:
+        print(f"prune.py: invalid configuration: {e}", file=sys.stderr)
+        return 2
+
+    from oba_jax.experiment import pipelines
+    from oba_jax.experiment.checkpoint import CheckpointMismatchError
+    from oba_jax.experiment.data import DatasetNotFoundError
+    try:
+        report = pipelines.run_pruning(config, args.workdir)
+    except config_lib.ConfigError as e:
+        print(f"prune.py: invalid configuration: {e}", file=sys.stderr)
+        return 2
+    except DatasetNotFoundError as e:
+        print(f"prune.py: {e}", file=sys.stderr)
+        return 3
+    except CheckpointMismatchError as e:
+        print(f"prune.py: {e}", file=sys.stderr)
+        return 4
+    print(pipelines.result_table(report))
+    print(f"report: {os.path.join(args.workdir, pipelines.REPORT_FILE)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["score"]:
+        score_command(_parser().parse_args(argv))
+        return 0
+    return prune_command(argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

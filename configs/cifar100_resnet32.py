@@ -1,6 +1,10 @@
-"""Wide ResNet-32 (stage widths 64/128/256) on CIFAR100 with the paper's pretraining recipe (OBA_SPEC.md §8)."""
+"""Wide ResNet-32 (stage widths 64/128/256) on CIFAR-100: the paper's pretraining recipe, then OBA one-shot to ops
+ratio 0.5 (OBA_SPEC.md §5, §8).
 
-from oba_jax.experiment.config import cifar_pretraining_recipe, default_sections
+    python prune.py --config configs/cifar100_resnet32.py --workdir runs/cifar100_resnet32
+"""
+
+from oba_jax.experiment.config import cifar_oneshot_finetune, cifar_pretraining_recipe, default_sections, prune_section
 
 
 def get_config():
@@ -9,4 +13,8 @@ def get_config():
     config.model.spec.depth = 32
     config.model.spec.width_multiplier = 4
     config.model.spec.image_size = 32
-    return cifar_pretraining_recipe(config, "cifar100")
+    config = cifar_pretraining_recipe(config, "cifar100")
+    config.prune = prune_section(mode="oneshot", importance="oba", ops_ratios=(0.5,), steps=50, score_batches=200,
+                                 score_batch_size=64)
+    config.finetune = cifar_oneshot_finetune()
+    return config

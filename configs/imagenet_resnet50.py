@@ -1,6 +1,10 @@
-"""ResNet-50 on ImageNet-1k with the paper's fine-tuning recipe (OBA_SPEC.md §8)."""
+"""ResNet-50 on ImageNet-1k: OBA one-shot to ops ratio 0.51 with importance from 350 batches of 2 images,
+then the paper's fine-tuning (OBA_SPEC.md §5, §8). Give the ImageNet-pretrained weights as a train.py workdir:
 
-from oba_jax.experiment.config import default_sections, imagenet_finetune_recipe
+    python prune.py --config configs/imagenet_resnet50.py --workdir runs/imagenet_resnet50 --config.prune.pretrained=runs/imagenet_resnet50_dense
+"""
+
+from oba_jax.experiment.config import default_sections, imagenet_finetune, imagenet_finetune_recipe, prune_section
 
 
 def get_config():
@@ -8,4 +12,8 @@ def get_config():
     config.model.family = "resnet50"
     config.model.spec.image_size = 224
     config.model.spec.num_classes = 1000
-    return imagenet_finetune_recipe(config)
+    config = imagenet_finetune_recipe(config)
+    config.prune = prune_section(mode="oneshot", importance="oba", ops_ratios=(0.51,), steps=50, score_batches=350,
+                                 score_batch_size=2)
+    config.finetune = imagenet_finetune()
+    return config

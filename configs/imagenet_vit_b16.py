@@ -1,6 +1,10 @@
-"""ViT-B/16 on ImageNet-1k with the paper's fine-tuning recipe (OBA_SPEC.md §8)."""
+"""ViT-B/16 on ImageNet-1k: OBA one-shot to ops ratio 0.51 (MLP hidden units only, as the authors) with importance from 350 batches of 2 images,
+then the paper's fine-tuning (OBA_SPEC.md §5, §8). Give the ImageNet-pretrained weights as a train.py workdir:
 
-from oba_jax.experiment.config import default_sections, imagenet_finetune_recipe
+    python prune.py --config configs/imagenet_vit_b16.py --workdir runs/imagenet_vit_b16 --config.prune.pretrained=runs/imagenet_vit_b16_dense
+"""
+
+from oba_jax.experiment.config import default_sections, imagenet_finetune, imagenet_finetune_recipe, prune_section
 
 
 def get_config():
@@ -9,4 +13,8 @@ def get_config():
     config.model.spec.config_name = "vit_b16"
     config.model.spec.image_size = 224
     config.model.spec.num_classes = 1000
-    return imagenet_finetune_recipe(config)
+    config = imagenet_finetune_recipe(config)
+    config.prune = prune_section(mode="oneshot", importance="oba", ops_ratios=(0.51,), steps=50, score_batches=350,
+                                 score_batch_size=2, kinds=("hidden",))
+    config.finetune = imagenet_finetune()
+    return config

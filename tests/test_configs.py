@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from oba_jax.experiment import config as config_lib, training as train_lib
+from oba_jax.experiment import config as config_lib, pipelines, training as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
@@ -19,6 +19,8 @@ SHRINK = {
     "cifar10_vgg19": [("model.spec.cfg_name", "None"), ("model.spec.cfg", "(8, 'M', 8, 'M', 16, 'M', 16, 'M', 16)")],
     "cifar100_vgg19": [("model.spec.cfg_name", "None"), ("model.spec.cfg", "(8, 'M', 8, 'M', 16, 'M', 16, 'M', 16)")],
     "cifar10_resnet32": [("model.spec.width_multiplier", "1")],
+    "cifar10_resnet32_iterative": [("model.spec.width_multiplier", "1"), ("model.spec.depth", "8"),
+                                   ("prune.ops_ratios", "(0.6, 0.3)")],
     "cifar100_resnet32": [("model.spec.width_multiplier", "1"), ("model.spec.depth", "8")],
     "imagenet_resnet50": [("model.spec.image_size", "32"), ("model.spec.stem_width", "8"),
                           ("model.spec.stage_widths", "(16, 16, 16, 16)"),
@@ -26,7 +28,8 @@ SHRINK = {
                           ("model.spec.block_widths", "(((8, 8),), ((8, 8),), ((8, 8),), ((8, 8),))")],
     "imagenet_vit_b16": [("model.spec.image_size", "32"), ("model.spec.num_layers", "2"),
                          ("model.spec.hidden_dim", "32"), ("model.spec.num_heads", "2"),
-                         ("model.spec.mlp_dim", "64")],
+                         # MLP-heavy as ViT-B/16 is, so pruning MLP units alone can reach ops ratio 0.51
+                         ("model.spec.mlp_dim", "256"), ("model.spec.patch_size", "8")],
 }
 
 
@@ -73,6 +76,29 @@ def test_config_trains_two_steps_on_synthetic_data(path):
     # No workdir: checkpoints, logs and plots are covered by test_train_cli / test_checkpoint.
     metrics = train_lib.train_and_evaluate(config, None)
     assert metrics["steps"] == 2 and metrics["model"] == base.model.family
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=_name)
+def test_config_prunes_on_synthetic_data(path, tmp_path):
+    """The whole prune.py pipeline of every config (dense training, schedule, shrink, fine-tuning, report)
+    for a couple of steps of each stage."""
+    base = config_lib.load_config(path, num_devices=1)
+    overrides = SHRINK.get(_name(path), []) + [
+        ("data.name", "synthetic"), ("data.synthetic.num_train", "16"), ("data.synthetic.num_test", "8"),
+        ("train.batch_size", "4"), ("train.eval_batch_size", "4"), ("train.max_steps", "2"),
+        ("train.progress_bar", "false"), ("prune.steps", "3"), ("prune.score_batches", "1"),
+        ("prune.score_batch_size", "4"), ("prune.latency_repeats", "1"), ("finetune.max_steps", "2"),
+        ("plot.enabled", "false")]
+    if _name(path).startswith("imagenet"):
+        overrides.append(("data.synthetic.image_shape", "(32, 32, 3)"))
+    if _name(path).startswith("cifar10_resnet32"):
+        overrides.append(("model.spec.depth", "8"))   # the recipe is the same; 15 blocks only cost time here
+    config = config_lib.load_config(path, overrides, num_devices=1)
+    report = pipelines.run_pruning(config, str(tmp_path))
+    targets = [t["target_ops_ratio"] for t in report["targets"]]
+    assert targets == sorted(config.prune.ops_ratios, reverse=config.prune.mode == "iterative")
+    assert all(t["ops_ratio"] <= t["target_ops_ratio"] for t in report["targets"]), report["targets"]
+    assert report["importance"] == base.prune.importance
 
 
 @pytest.mark.parametrize("key, value, fragment", [

@@ -238,6 +238,57 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
     _check(max_steps is None or (_is_int(max_steps) and max_steps > 0), "train.max_steps",
            f"must be None or a positive int, got {max_steps!r}")
     _check(_is_int(_get(config, "train.seed")), "train.seed", "must be an int")
+    if "prune" in config:
+        _validate_prune(config)
+    if "finetune" in config:
+        _validate_finetune(config)
+
+
+def _validate_prune(config: ml_collections.ConfigDict) -> None:
+    from oba_jax.graph import KINDS
+    from oba_jax.scores import BN_MODES, METHODS
+    from oba_jax.structured import NORMALIZERS
+    p = lambda key: _get(config, f"prune.{key}")   # noqa: E731
+    _check(p("mode") in ("oneshot", "iterative"), "prune.mode", f"must be 'oneshot' or 'iterative', got {p('mode')!r}")
+    _check(p("importance") in METHODS, "prune.importance", f"unknown method {p('importance')!r}; choose one of {METHODS}")
+    _check(p("bn_mode") in BN_MODES, "prune.bn_mode", f"must be one of {BN_MODES}, got {p('bn_mode')!r}")
+    _check(p("normalizer") in NORMALIZERS, "prune.normalizer",
+           f"unknown normalizer {p('normalizer')!r}; choose one of {tuple(NORMALIZERS)}")
+    ratios = p("ops_ratios")
+    _check(isinstance(ratios, tuple) and ratios and all(_is_number(r) and 0 < r < 1 for r in ratios), "prune.ops_ratios",
+           f"must be a non-empty tuple of target ops ratios in (0, 1) (kept MACs / dense MACs), got {ratios!r}")
+    if p("mode") == "iterative":
+        _check(list(ratios) == sorted(ratios, reverse=True) and len(set(ratios)) == len(ratios), "prune.ops_ratios",
+               f"iterative pruning needs strictly decreasing targets, got {ratios!r}")
+    final = p("final_ratio")
+    _check(final is None or (_is_number(final) and 0 < final < 1), "prune.final_ratio", f"must be None or in (0, 1), got {final!r}")
+    for key in ("steps", "score_batches", "score_batch_size", "round_to", "latency_repeats"):
+        _check(_is_int(p(key)) and p(key) > 0, f"prune.{key}", f"must be a positive int, got {p(key)!r}")
+    mpr = p("max_pruning_ratio")
+    _check(_is_number(mpr) and 0 < mpr < 1, "prune.max_pruning_ratio", f"must be in (0, 1), got {mpr!r}")
+    kinds = p("kinds")
+    _check(isinstance(kinds, tuple) and kinds and set(kinds) <= set(KINDS), "prune.kinds",
+           f"must be a non-empty tuple of {KINDS}, got {kinds!r}")
+    for key in ("global_pruning", "count_attention"):
+        _check(isinstance(p(key), bool), f"prune.{key}", "must be true/false")
+    _check(isinstance(p("ignored_layers"), tuple) and all(isinstance(x, str) for x in p("ignored_layers")),
+           "prune.ignored_layers", "must be a tuple of layer paths")
+    pretrained = p("pretrained")
+    _check(pretrained is None or isinstance(pretrained, str), "prune.pretrained", "must be None or a train.py workdir")
+    _check(_is_int(p("seed")), "prune.seed", "must be an int")
+
+
+def _validate_finetune(config: ml_collections.ConfigDict) -> None:
+    f = lambda key: _get(config, f"finetune.{key}")   # noqa: E731
+    _check(_is_number(f("epochs")) and f("epochs") >= 0, "finetune.epochs", f"must be >= 0 (0: no fine-tuning), got {f('epochs')!r}")
+    _check(_is_number(f("lr")) and f("lr") > 0, "finetune.lr", f"must be a positive number, got {f('lr')!r}")
+    _check(f("schedule") in SCHEDULES, "finetune.schedule", f"unknown schedule {f('schedule')!r}; expected one of {SCHEDULES}")
+    ms = f("milestones")
+    _check(isinstance(ms, tuple) and all(_is_number(m) and m > 0 for m in ms) and list(ms) == sorted(ms),
+           "finetune.milestones", f"must be an increasing tuple of positive epochs, got {ms!r}")
+    _check(_is_number(f("weight_decay")) and f("weight_decay") >= 0, "finetune.weight_decay", "must be >= 0")
+    steps = f("max_steps")
+    _check(steps is None or (_is_int(steps) and steps >= 0), "finetune.max_steps", f"must be None or an int >= 0, got {steps!r}")
 
 
 def model_spec(config: ml_collections.ConfigDict):
@@ -268,7 +319,59 @@ def default_sections() -> ml_collections.ConfigDict:
         "progress_bar": True, "distributed": False,
     })
     config.plot = ml_collections.ConfigDict({"enabled": True, "filename": "curves.png"})
+    config.prune = prune_section()
+    config.finetune = finetune_section()
     return config
+
+
+def prune_section(**overrides: Any) -> ml_collections.ConfigDict:
+    """`prune.py`'s section (OBA_SPEC.md §4–5). `mode`: "oneshot" (every target from the dense model) or
+    "iterative" (decreasing targets, fine-tuning at each and continuing from the fine-tuned model);
+    `final_ratio`: the schedule's R (None: 1 − 0.9·target for one-shot, 0.955 for iterative)."""
+    section = ml_collections.ConfigDict({
+        "mode": "oneshot", "importance": "oba", "bn_mode": "train", "normalizer": "max",
+        "ops_ratios": (0.5,), "steps": 50, "final_ratio": ml_collections.FieldReference(None, field_type=float),
+        "score_batches": 10, "score_batch_size": 64, "global_pruning": True, "max_pruning_ratio": 0.95,
+        "round_to": 1, "kinds": ("channels", "hidden"), "ignored_layers": (), "count_attention": True,
+        "pretrained": ml_collections.FieldReference(None, field_type=str), "latency_repeats": 20, "seed": 0,
+    })
+    section.update(overrides)
+    return section
+
+
+def finetune_section(**overrides: Any) -> ml_collections.ConfigDict:
+    """Fine-tuning of each pruned model: the `optim` / `train` recipe with these values in place."""
+    section = ml_collections.ConfigDict({
+        "epochs": 1.0, "lr": 0.01, "schedule": "cosine", "milestones": (), "weight_decay": 1e-4,
+        "max_steps": ml_collections.FieldReference(None, field_type=int),
+    })
+    section.update(overrides)
+    return section
+
+
+def cifar_oneshot_finetune() -> ml_collections.ConfigDict:
+    """The authors' one-shot fine-tuning (OBA_SPEC.md §8): 150 epochs, lr 0.001, ×0.1 at 80/120, wd 1e-4."""
+    return finetune_section(epochs=150.0, lr=0.001, schedule="multistep", milestones=(80, 120), weight_decay=1e-4)
+
+
+def cifar_iterative_finetune() -> ml_collections.ConfigDict:
+    """Per iterative stage: 100 epochs, lr 0.001, ×0.1 at 50/75, wd 1e-4."""
+    return finetune_section(epochs=100.0, lr=0.001, schedule="multistep", milestones=(50, 75), weight_decay=1e-4)
+
+
+def imagenet_finetune() -> ml_collections.ConfigDict:
+    """ImageNet: 100 epochs, lr 0.001, wd 1e-4, ×0.1 at 30/60/80."""
+    return finetune_section(epochs=100.0, lr=0.001, schedule="multistep", milestones=(30, 60, 80), weight_decay=1e-4)
+
+
+def finetune_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The training config a pruned model is fine-tuned with: `config` with `finetune` in `optim` / `train`."""
+    ft = config.finetune
+    out = ml_collections.ConfigDict(config.to_dict(), type_safe=False)
+    out.optim.update(lr=float(ft.lr), schedule=ft.schedule, milestones=tuple(ft.milestones),
+                     weight_decay=float(ft.weight_decay))
+    out.train.update(epochs=float(ft.epochs), max_steps=ft.max_steps)
+    return out
 
 
 def cifar_pretraining_recipe(config: ml_collections.ConfigDict, dataset: str) -> ml_collections.ConfigDict:

@@ -301,8 +301,23 @@ def evaluate(trainer: Trainer, params: Any, batch_stats: Any, images: np.ndarray
     """Mean loss, top-1 and top-5 accuracy (BN in eval mode) on the test set (or the given arrays)."""
     images = trainer.test_images if images is None else images
     labels = trainer.test_labels if labels is None else labels
-    bs = trainer.config.train.eval_batch_size
-    sharding = batch_sharded(trainer.mesh)
+    return _evaluate(trainer.eval_step, trainer.mesh, params, batch_stats, images, labels,
+                     trainer.config.train.eval_batch_size)
+
+
+def evaluate_model(model: nnx.Module, dataset, batch_size: int, mesh: Mesh | None = None) -> Metrics:
+    """`evaluate` for a model alone (e.g. a pruned one) on `dataset`'s test split."""
+    mesh = data_mesh() if mesh is None else mesh
+    parts, params, batch_stats = split_model(model)
+    step = make_eval_step(parts, mean=dataset.mean, std=dataset.std, mesh=mesh)
+    params, batch_stats = put_replicated(jax.device_get((params, batch_stats)), mesh)
+    return _evaluate(step, mesh, params, batch_stats, np.asarray(dataset.test_images),
+                     np.asarray(dataset.test_labels, np.int32), batch_size)
+
+
+def _evaluate(eval_step: Callable, mesh: Mesh, params: Any, batch_stats: Any, images: np.ndarray,
+              labels: np.ndarray, bs: int) -> Metrics:
+    sharding = batch_sharded(mesh)
     totals = None
     for start in range(0, len(labels), bs):
         x, y = images[start:start + bs], labels[start:start + bs]
@@ -312,7 +327,7 @@ def evaluate(trainer: Trainer, params: Any, batch_stats: Any, images: np.ndarray
             x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
             y, w = np.concatenate([y, np.zeros(pad, y.dtype)]), np.concatenate([w, np.zeros(pad, np.float32)])
         x, y, w = (jax.make_array_from_callback(a.shape, sharding, lambda i, a=a: a[i]) for a in (x, y, w))
-        sums = trainer.eval_step(params, batch_stats, x, y, w)
+        sums = eval_step(params, batch_stats, x, y, w)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     n = max(float(totals["count"]), 1.0)

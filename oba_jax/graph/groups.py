@@ -739,11 +739,11 @@ class GroupGraph:
         return int(round(sum(macs * math.prod(_fraction(f, self.atoms, fractions) for f in axes)
                              for macs, axes, is_attention in self.products if attention or not is_attention)))
 
-    def params(self, kept: Mapping[str, Any] | None = None) -> int:
-        """Entries of the float parameter leaves with `kept` channels per group."""
+    def params(self, kept: Mapping[str, Any] | None = None, include: Callable[[str], bool] | None = None) -> int:
+        """Entries of the float parameter leaves (those whose path `include` accepts) with `kept` channels."""
         fractions = self._fractions(kept or {})
         return int(round(sum(size * math.prod(_fraction(f, self.atoms, fractions) for f in axes)
-                             for _, size, axes in self.leaves)))
+                             for path, size, axes in self.leaves if include is None or include(path))))
 
 
 def _collect(program: Program, found: FoundLayers, rules: _Groups, leaves: list[_Leaf],
@@ -831,7 +831,11 @@ def _collect(program: Program, found: FoundLayers, rules: _Groups, leaves: list[
         groups.append(ChannelGroup(name=name, kind=kind, size=size, prunable=reason is None,
                                    members=tuple(mems), reason=reason, producers=made_by))
         atom_names[atom] = name
-    return tuple(groups), atom_names
+    # in program order: the inputs, then by producing layer, the logits last
+    order = {layer.weight: i for i, layer in enumerate(found.layers)}
+    rank = lambda g: (-1 if g.name.startswith("inputs") else min((order.get(p, len(order)) for p in g.producers),
+                                                                 default=len(order)), "logits" in (g.reason or ""))
+    return tuple(sorted(groups, key=lambda g: (rank(g)[1], rank(g)[0]))), atom_names
 
 
 def _group_name(base: str, kind: str, used: set[str]) -> str:

@@ -16,7 +16,7 @@ from oba_jax.program import trace_program
 from oba_jax.scores import model_apply
 from oba_jax.structured.shrink import mask_params, shrink_params
 
-__all__ = ["mask_model", "model_channel_groups", "model_group_graph", "model_path", "shrink_model", "state_path"]
+__all__ = ["is_param", "mask_model", "model_channel_groups", "model_group_graph", "model_path", "shrink_model", "state_path"]
 
 _PARAMS = "params/"
 
@@ -47,7 +47,13 @@ def model_group_graph(model: nnx.Module, example_inputs: Any, ignore: Sequence[s
     program = trace_program(apply_fn, state, example_inputs)
     graph = find_groups(program, ignore=tuple(state_path(p) for p in ignore))
     return dataclasses.replace(graph, groups=tuple(_relative(g) for g in graph.groups),
-                               atoms=MappingProxyType({a: model_path(n) for a, n in graph.atoms.items()}))
+                               atoms=MappingProxyType({a: model_path(n) for a, n in graph.atoms.items()}),
+                               leaves=tuple((model_path(p), size, axes) for p, size, axes in graph.leaves))
+
+
+def is_param(path: str) -> bool:
+    """Whether a `model_path` names an `nnx.Param` (not a BatchNorm statistic or other state)."""
+    return not path.startswith(("batch_stats/", "rest/"))
 
 
 def model_channel_groups(model: nnx.Module, example_inputs: Any, ignore: Sequence[str] = (),

@@ -1,0 +1,267 @@
+"""Structured prune-and-finetune from a config (what `prune.py` runs).
+
+    dense model (prune.pretrained, or trained into WORKDIR/dense, resumable)
+      └─ per target ops ratio: the step schedule (OBA_SPEC.md §5) scores a *masked* model of fixed shapes
+         with one compiled scorer, selects channels, stops at the target; then one physical shrink
+         └─ evaluate (before fine-tuning) → fine-tune into WORKDIR/ops_<target> (checkpoint with the spec)
+            → evaluate, latency of the jitted forward (dense and pruned, same batch)
+      └─ WORKDIR/report.json, widths.png, accuracy_vs_ops.png, a table on stdout
+
+`mode="oneshot"` restarts every target from the dense model; `mode="iterative"` takes the targets in
+decreasing order and continues from each fine-tuned model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from oba_jax import nnx_model
+from oba_jax.experiment import checkpoint as ckpt_lib
+from oba_jax.experiment import config as config_lib
+from oba_jax.experiment import training
+from oba_jax.scores import score_model
+from oba_jax.structured import group_scores, mask_model, model_group_graph, shrink_model
+from oba_jax.structured.nnx import is_param
+from oba_jax.structured.select import Selection, prune_to_ops
+
+__all__ = ["REPORT_FILE", "run_pruning", "result_table"]
+
+REPORT_FILE = "report.json"
+
+
+def _dense_model(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.Module, str]:
+    """The model to prune and where it came from: `prune.pretrained` or a training run in WORKDIR/dense."""
+    spec = config_lib.model_spec(config)
+    source = config.prune.pretrained
+    if source is None:
+        source = os.path.join(workdir, "dense")
+        training.train_and_evaluate(config, source)
+    model, meta = ckpt_lib.restore_model(source)
+    if model.spec != spec:
+        raise ckpt_lib.CheckpointMismatchError(
+            f"{source} holds a {meta.get('spec')} model, but the config describes {spec}: prune.pretrained must be a "
+            "train.py workdir of the configured model")
+    return model, source
+
+
+def _score_batches(dataset, config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+    """A deterministic sample of normalised training batches, stacked: `(n, B, H, W, C)`, `(n, B)`."""
+    from oba_jax.experiment.data import preprocess_batch
+    p = config.prune
+    n = p.score_batches * p.score_batch_size
+    if n > len(dataset.train_labels):
+        raise config_lib.ConfigError(f"config.prune: score_batches × score_batch_size = {n} exceeds the "
+                                     f"{len(dataset.train_labels)} training examples")
+    order = np.random.default_rng(p.seed).permutation(len(dataset.train_labels))[:n]
+    x = preprocess_batch(jnp.asarray(dataset.train_images[order]), None, augment=False, mean=dataset.mean,
+                         std=dataset.std)
+    y = jnp.asarray(dataset.train_labels[order], jnp.int32)
+    return x.reshape(p.score_batches, p.score_batch_size, *x.shape[1:]), y.reshape(p.score_batches, -1)
+
+
+def _latency_batch(dataset, size: int) -> jax.Array:
+    """The first `size` test images, normalised: the batch both latencies are measured on."""
+    from oba_jax.experiment.data import preprocess_batch
+    return preprocess_batch(jnp.asarray(dataset.test_images[:size]), None, augment=False, mean=dataset.mean,
+                            std=dataset.std)
+
+
+def _latency_ms(model: nnx.Module, x: jax.Array, repeats: int) -> float:
+    """Median time of the jitted eval-mode forward on `x` (after one untimed call)."""
+    graphdef, state = nnx_model.split(model)
+
+    @jax.jit
+    def forward(state, x):
+        m = nnx_model.merge(graphdef, state)
+        m.eval()
+        return m(x)
+
+    jax.block_until_ready(forward(state, x))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(forward(state, x))
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+
+def prune_once(model: nnx.Module, config: ml_collections.ConfigDict, target: float,
+               batches: tuple[jax.Array, jax.Array], dense_macs: int) -> tuple[nnx.Module, dict]:
+    """One target: the schedule on the masked model, then the shrink. `target` is relative to the dense
+    model (`dense_macs`); `model` may already be pruned (iterative)."""
+    p = config.prune
+    graph = model_group_graph(model, batches[0][0][:1], ignore=tuple(p.ignored_layers), bn_mode=p.bn_mode)
+    try:
+        selection = Selection(global_pruning=p.global_pruning, max_pruning_ratio=p.max_pruning_ratio,
+                              round_to=p.round_to, kinds=tuple(p.kinds))
+        chosen = selection.selectable(graph.groups)
+    except ValueError as e:   # e.g. ignored_layers / kinds that leave nothing to prune
+        raise config_lib.ConfigError(f"config.prune: {e}") from None
+    current = graph.macs(attention=p.count_attention)
+    relative = target * dense_macs / current
+    if not 0 < relative < 1:
+        raise config_lib.ConfigError(f"config.prune.ops_ratios: target {target} is not below the current model's "
+                                     f"ops ratio {current / dense_macs:.3f}")
+    final = p.final_ratio if p.final_ratio is not None else (1 - 0.9 * relative if p.mode == "oneshot" else 0.955)
+    bar = _progress(p.steps, f"prune to {target:g}")
+
+    def score_fn(plan):
+        masked = mask_model(model, graph.groups, plan)
+        result = score_model(masked, batches, p.importance, bn_mode=p.bn_mode)
+        return group_scores(result, chosen, p.normalizer)
+
+    def on_step(record):
+        bar.update(1)
+        bar.set_postfix(ops=f"{record['ops_ratio'] * current / dense_macs:.3f}")
+
+    try:
+        plan, history = prune_to_ops(graph, score_fn, relative, final_ratio=final, steps=p.steps, selection=selection,
+                                     attention=p.count_attention, on_step=on_step)
+    except ValueError as e:
+        if "out of reach" not in str(e):
+            raise
+        raise config_lib.ConfigError(f"config.prune.ops_ratios: {e}") from None
+    finally:
+        bar.close()
+    small = shrink_model(model, graph.groups, plan)
+    scale = current / dense_macs
+    for record in history:
+        record["ops_ratio"] *= scale
+    widths_before = {g.name: g.size for g in chosen}
+    widths_after = {name: int(len(plan.get(name, range(size)))) for name, size in widths_before.items()}
+    return small, {"history": history, "widths_before": widths_before, "widths_after": widths_after}
+
+
+def run_pruning(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """The whole experiment of a config (see the module docstring); returns the report it writes."""
+    os.makedirs(workdir, exist_ok=True)
+    dataset = training.load_dataset_for(config)
+    training.check_dataset_matches(config_lib.model_spec(config), dataset)
+    dense, source = _dense_model(config, workdir)
+    p = config.prune
+    batches = _score_batches(dataset, config)
+    eval_bs = config.train.eval_batch_size
+    example = batches[0][0][:1]
+    dense_graph = model_group_graph(dense, example, bn_mode=p.bn_mode)
+    dense_macs = {a: dense_graph.macs(attention=a) for a in (True, False)}
+    dense_params = dense_graph.params(include=is_param)
+    acc_dense = training.evaluate_model(dense, dataset, eval_bs)
+    latency_x = _latency_batch(dataset, eval_bs)
+    latency_dense = _latency_ms(dense, latency_x, p.latency_repeats)
+    targets = sorted(p.ops_ratios, reverse=True) if p.mode == "iterative" else list(p.ops_ratios)
+    results, model = [], dense
+    ft_config = config_lib.finetune_config(config)
+    for target in targets:
+        start = dense if p.mode == "oneshot" else model
+        small, info = prune_once(start, config, target, batches, dense_macs[p.count_attention])
+        graph = model_group_graph(small, example, bn_mode=p.bn_mode)
+        acc_pruned = training.evaluate_model(small, dataset, eval_bs)
+        run_dir = os.path.join(workdir, f"ops_{target:g}")
+        tuned, final = training.fit(small, dataset, ft_config, run_dir)
+        latency_pruned = _latency_ms(tuned, latency_x, p.latency_repeats)
+        macs = {a: graph.macs(attention=a) for a in (True, False)}
+        results.append({
+            "target_ops_ratio": target, "ops_ratio": macs[p.count_attention] / dense_macs[p.count_attention],
+            "ops_ratio_without_attention": macs[False] / dense_macs[False],
+            "params_ratio": graph.params(include=is_param) / dense_params, "macs_dense": dense_macs[p.count_attention],
+            "macs_pruned": macs[p.count_attention], "params_dense": dense_params,
+            "params_pruned": graph.params(include=is_param),
+            "acc_dense": acc_dense["top1"], "acc_pruned": acc_pruned["top1"], "acc_finetuned": final["top1"],
+            "latency_dense_ms": latency_dense, "latency_pruned_ms": latency_pruned, "latency_batch": int(latency_x.shape[0]),
+            "checkpoint": os.path.abspath(run_dir), "spec": _spec_dict(tuned), **info})
+        model = tuned
+    report = {"mode": p.mode, "importance": p.importance, "bn_mode": p.bn_mode, "dense_checkpoint": os.path.abspath(source),
+              "macs_per_image": True, "count_attention": p.count_attention, "targets": results}
+    _write_json(os.path.join(workdir, REPORT_FILE), report)
+    if config.get("plot", {}).get("enabled", True):
+        plot_report(report, workdir)
+    return report
+
+
+def _spec_dict(model: nnx.Module) -> Any:
+    spec = getattr(model, "spec", None)
+    if spec is None:
+        return None
+    from models import spec_to_dict
+    return spec_to_dict(spec)
+
+
+def _write_json(path: str, data: Any) -> None:
+    """Written to a temporary file and renamed: a report on disk is always complete."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, default=float)
+    os.replace(tmp, path)
+
+
+def plot_report(report: dict, workdir: str) -> list[str]:
+    """`widths.png` (per-group widths before/after, one panel per target) and `accuracy_vs_ops.png`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = report["targets"]
+    paths = []
+    fig, axes = plt.subplots(len(targets), 1, figsize=(max(6, 0.35 * len(targets[0]["widths_before"]) + 2),
+                                                         2.8 * len(targets)), squeeze=False)
+    for ax, t in zip(axes[:, 0], targets):
+        names = list(t["widths_before"])
+        pos = np.arange(len(names))
+        ax.bar(pos, [t["widths_before"][n] for n in names], color="#cccccc", label="dense")
+        ax.bar(pos, [t["widths_after"][n] for n in names], color="#1f77b4", label="pruned")
+        ax.set_xticks(pos, [n.replace("/kernel", "") for n in names], rotation=70, fontsize=7)
+        ax.set_ylabel("channels")
+        ax.set_title(f"ops ratio {t['ops_ratio']:.3f} (target {t['target_ops_ratio']:g})", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(os.path.join(workdir, "widths.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ops = [1.0] + [t["ops_ratio"] for t in targets]
+    ax.plot(ops, [100 * targets[0]["acc_dense"]] + [100 * t["acc_finetuned"] for t in targets], "o-", label="fine-tuned")
+    ax.plot(ops[1:], [100 * t["acc_pruned"] for t in targets], "s--", label="pruned, before fine-tuning")
+    ax.set_xlabel("ops ratio (MACs kept)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    paths.append(os.path.join(workdir, "accuracy_vs_ops.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def result_table(report: dict) -> str:
+    """Dense vs pruned, one block per target: accuracy, MACs, parameters, latency."""
+    lines = []
+    for t in report["targets"]:
+        rows = [("", "dense", "pruned"),
+                ("test top-1", f"{100 * t['acc_dense']:.2f}%", f"{100 * t['acc_finetuned']:.2f}% "
+                                                               f"({100 * t['acc_pruned']:.2f}% before fine-tuning)"),
+                ("MACs / image", f"{t['macs_dense']:,}", f"{t['macs_pruned']:,} ({t['ops_ratio']:.3f}×)"),
+                ("parameters", f"{t['params_dense']:,}", f"{t['params_pruned']:,} ({t['params_ratio']:.3f}×)"),
+                (f"latency (batch {t['latency_batch']})", f"{t['latency_dense_ms']:.2f} ms",
+                 f"{t['latency_pruned_ms']:.2f} ms ({t['latency_pruned_ms'] / t['latency_dense_ms']:.3f}×)")]
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        rule = "-" * (sum(widths) + 6)
+        lines += [f"target ops ratio {t['target_ops_ratio']:g} ({report['importance']}, {report['mode']})", rule]
+        lines += [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows] + [rule]
+    return "\n".join(lines)

@@ -1,0 +1,91 @@
+"""`prune.py --config ... --workdir ...` end to end on synthetic data: dense training, the schedule to the
+target ops ratio, shrinking, fine-tuning, the report, the plots, restorable checkpoints, clear errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--config.data.name=synthetic", "--config.data.synthetic.num_train=256", "--config.data.synthetic.num_test=64",
+         "--config.train.epochs=1", "--config.train.batch_size=32", "--config.train.eval_batch_size=64",
+         "--config.train.progress_bar=false", "--config.model.spec.cfg=(16,'M',32)",
+         "--config.prune.score_batches=2", "--config.prune.score_batch_size=16", "--config.finetune.max_steps=4",
+         "--config.prune.latency_repeats=3"]
+KEYS = {"target_ops_ratio", "ops_ratio", "params_ratio", "macs_dense", "macs_pruned", "acc_dense", "acc_pruned",
+        "acc_finetuned", "widths_before", "widths_after", "latency_dense_ms", "latency_pruned_ms", "history"}
+
+
+def _prune(workdir, *extra):
+    return subprocess.run([sys.executable, "prune.py", "--config", "configs/fashion_mnist.py", "--workdir", str(workdir),
+                           *SMALL, *extra], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+
+
+@pytest.fixture(scope="module")
+def oneshot(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("oneshot")
+    proc = _prune(workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir, proc
+
+
+def test_oneshot_reaches_the_target_and_writes_the_report(oneshot):
+    workdir, proc = oneshot
+    report = json.loads((workdir / "report.json").read_text())
+    (t,) = report["targets"]
+    assert KEYS <= set(t) and t["target_ops_ratio"] == 0.5
+    assert 0.49 <= t["ops_ratio"] <= 0.5 and t["params_ratio"] < 1 and t["macs_pruned"] < t["macs_dense"]
+    assert t["history"][-1]["refined"] and len(t["history"]) < 50
+    assert all(t["widths_after"][k] <= v for k, v in t["widths_before"].items())
+    assert any(t["widths_after"][k] < v for k, v in t["widths_before"].items())
+    assert (workdir / "widths.png").stat().st_size > 1000 and (workdir / "accuracy_vs_ops.png").stat().st_size > 1000
+    assert "target ops ratio 0.5" in proc.stdout and "MACs / image" in proc.stdout
+    assert (workdir / "dense" / "checkpoints").is_dir()
+
+
+def test_the_pruned_checkpoint_restores_in_a_fresh_process(oneshot):
+    workdir, _ = oneshot
+    t = json.loads((workdir / "report.json").read_text())["targets"][0]
+    script = ("import sys, json; from oba_jax.experiment.checkpoint import restore_model; import models; "
+              "m, meta = restore_model(sys.argv[1]); print(json.dumps(models.spec_to_dict(m.spec)))")
+    out = subprocess.run([sys.executable, "-c", script, t["checkpoint"]], cwd=ROOT, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == t["spec"]
+    assert [w for w in t["spec"]["cfg"] if w != "M"] == list(t["widths_after"].values())
+
+
+def test_iterative_continues_from_each_fine_tuned_model(tmp_path, oneshot):
+    dense_run = oneshot[0] / "dense"
+    proc = _prune(tmp_path, "--config.prune.mode=iterative", "--config.prune.ops_ratios=(0.7, 0.4)",
+                  f"--config.prune.pretrained={dense_run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    first, second = report["targets"]
+    assert (first["target_ops_ratio"], second["target_ops_ratio"]) == (0.7, 0.4)
+    # (in this 48-channel toy one channel is 2.6–4.9% of the MACs, so a window of 0.01 may not exist)
+    assert 0.65 <= first["ops_ratio"] <= 0.7 and 0.35 <= second["ops_ratio"] <= 0.4
+    assert all(second["widths_before"][k] == first["widths_after"][k] for k in first["widths_after"])
+    assert not (tmp_path / "dense").exists()
+
+
+@pytest.mark.parametrize("extra,status,message", [
+    (["--config.prune.ops_ratios=(1.0,)"], 2, "prune.ops_ratios"),
+    (["--config.prune.ops_ratios=(0.0,)"], 2, "prune.ops_ratios"),
+    (["--config.prune.importance=obd"], 2, "unknown method 'obd'"),
+    (["--config.prune.kinds=('neurons',)"], 2, "prune.kinds"),
+    (["--config.prune.ignored_layers=('layers/0/conv', 'layers/1/conv')"], 2, "nothing to prune"),
+    (["--config.prune.mode=iterative", "--config.prune.ops_ratios=(0.3, 0.6)"], 2, "decreasing"),
+])
+def test_bad_configs_are_clear_errors(tmp_path, oneshot, extra, status, message):
+    proc = _prune(tmp_path, f"--config.prune.pretrained={oneshot[0] / 'dense'}", *extra)
+    assert proc.returncode == status, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_a_checkpoint_of_another_architecture_is_refused(tmp_path, oneshot):
+    proc = _prune(tmp_path, f"--config.prune.pretrained={oneshot[0] / 'dense'}", "--config.model.spec.cfg=(8,'M',16)")
+    assert proc.returncode == 4 and "describes" in proc.stderr and "Traceback" not in proc.stderr
