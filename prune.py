@@ -165,17 +165,8 @@ def prune_command(argv: list[str]) -> int:
     from oba_jax.experiment import config as config_lib
 
     try:
-        rest, overrides = config_lib.split_override_args(argv)
-        parser = argparse.ArgumentParser(prog="prune.py", description=__doc__,
-                                         formatter_class=argparse.RawDescriptionHelpFormatter)
-        parser.add_argument("--config", required=True, help="path to a configs/*.py file with get_config()")
-        parser.add_argument("--workdir", required=True, help="directory for the dense run, checkpoints, report, plots")
-        args = parser.parse_args(rest)
-        config = config_lib.load_config_file(args.config)
-        for key, text in overrides:
-            config_lib.apply_override(config, key, text)
-        config_lib.validate_config(config)
-        config.lock()
+        workdir, config = config_lib.config_from_cli(argv, prog="prune.py", description=__doc__,
+                                                     workdir_help="directory for the dense run, checkpoints, report, plots")
     except config_lib.ConfigError as e:
         print(f"prune.py: invalid configuration: {e}", file=sys.stderr)
         return 2
@@ -184,7 +175,7 @@ def prune_command(argv: list[str]) -> int:
     from oba_jax.experiment.checkpoint import CheckpointMismatchError
     from oba_jax.experiment.data import DatasetNotFoundError
     try:
-        report = pipelines.run_pruning(config, args.workdir)
+        report = pipelines.run_pruning(config, workdir)
     except config_lib.ConfigError as e:
         print(f"prune.py: invalid configuration: {e}", file=sys.stderr)
         return 2
@@ -195,7 +186,7 @@ def prune_command(argv: list[str]) -> int:
         print(f"prune.py: {e}", file=sys.stderr)
         return 4
     print(pipelines.result_table(report))
-    print(f"report: {os.path.join(args.workdir, pipelines.REPORT_FILE)}")
+    print(f"report: {os.path.join(workdir, pipelines.REPORT_FILE)}")
     return 0
 
 

@@ -9,21 +9,7 @@ status 3 when the dataset is missing, 4 when --workdir holds another model's che
 
 from __future__ import annotations
 
-import argparse
 import sys
-
-
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
-    """``(--config, --workdir, ...)`` plus the ``--config.key=value`` overrides in order."""
-    from oba_jax.experiment.config import split_override_args
-
-    rest, overrides = split_override_args(argv)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="Override any config value with --config.KEY=VALUE, "
-                                            "e.g. --config.optim.lr=0.05 --config.train.epochs=1.")
-    parser.add_argument("--config", required=True, help="path to a configs/*.py file with get_config()")
-    parser.add_argument("--workdir", required=True, help="directory for checkpoints, metrics.jsonl and plots")
-    return parser.parse_args(rest), overrides
 
 
 def result_table(config, metrics: dict) -> str:
@@ -47,23 +33,18 @@ def main(argv: list[str]) -> int:
     from oba_jax.experiment import config as config_lib
 
     try:
-        args, overrides = parse_args(argv)
-        config = config_lib.load_config_file(args.config)
-        for key, text in overrides:
-            config_lib.apply_override(config, key, text)
-        # Multi-host must initialise before anything asks jax about devices.
-        from oba_jax.experiment import training as train_lib
-        train_lib.maybe_initialize_distributed(config)
-        config_lib.validate_config(config)
-        config.lock()
+        workdir, config = config_lib.config_from_cli(
+            argv, prog="train.py", description=__doc__.split("\n\n")[0],
+            workdir_help="directory for checkpoints, metrics.jsonl and plots")
     except config_lib.ConfigError as e:
         print(f"train.py: invalid configuration: {e}", file=sys.stderr)
         return 2
 
+    from oba_jax.experiment import training as train_lib
     from oba_jax.experiment.checkpoint import CheckpointMismatchError
     from oba_jax.experiment.data import DatasetNotFoundError
     try:
-        metrics = train_lib.train_and_evaluate(config, args.workdir)
+        metrics = train_lib.train_and_evaluate(config, workdir)
     except DatasetNotFoundError as e:
         print(f"train.py: {e}", file=sys.stderr)
         return 3

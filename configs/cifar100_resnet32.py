@@ -4,16 +4,11 @@ ratio 0.5 (OBA_SPEC.md §5, §8).
     python prune.py --config configs/cifar100_resnet32.py --workdir runs/cifar100_resnet32
 """
 
-from oba_jax.experiment.config import cifar_oneshot_finetune, cifar_pretraining_recipe, default_sections, prune_section
+from oba_jax.experiment.config import cifar_oneshot_finetune, cifar_wide_resnet32, prune_section
 
 
 def get_config():
-    config = default_sections()
-    config.model.family = "resnet_cifar"
-    config.model.spec.depth = 32
-    config.model.spec.width_multiplier = 4
-    config.model.spec.image_size = 32
-    config = cifar_pretraining_recipe(config, "cifar100")
+    config = cifar_wide_resnet32("cifar100")
     config.prune = prune_section(mode="oneshot", importance="oba", ops_ratios=(0.5,), steps=50, score_batches=200,
                                  score_batch_size=64)
     config.finetune = cifar_oneshot_finetune()

@@ -4,16 +4,11 @@ drops below the next target (0.6 … 0.05) the model is fine-tuned (100 epochs) 
     python prune.py --config configs/cifar10_resnet32_iterative.py --workdir runs/cifar10_resnet32_iterative
 """
 
-from oba_jax.experiment.config import cifar_iterative_finetune, cifar_pretraining_recipe, default_sections, prune_section
+from oba_jax.experiment.config import cifar_iterative_finetune, cifar_wide_resnet32, prune_section
 
 
 def get_config():
-    config = default_sections()
-    config.model.family = "resnet_cifar"
-    config.model.spec.depth = 32
-    config.model.spec.width_multiplier = 4
-    config.model.spec.image_size = 32
-    config = cifar_pretraining_recipe(config, "cifar10")
+    config = cifar_wide_resnet32("cifar10")
     config.prune = prune_section(mode="iterative", importance="oba", ops_ratios=(0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05),
                                  final_ratio=0.955, steps=50, score_batches=200, score_batch_size=64)
     config.finetune = cifar_iterative_finetune()

@@ -147,6 +147,32 @@ def split_override_args(argv: Sequence[str]) -> tuple[list[str], list[tuple[str,
     return rest, overrides
 
 
+def config_from_cli(argv: Sequence[str], *, prog: str, description: str,
+                    workdir_help: str) -> tuple[str, ml_collections.ConfigDict]:
+    """`(workdir, config)` of a command line `--config C --workdir W [--config.KEY=VALUE ...]`: the config
+    file with the overrides applied in order, validated and locked (a `ConfigError` names the key).
+    With `train.distributed`, `jax.distributed.initialize()` runs first: multi-host must initialise before
+    anything (the validation's device count) asks JAX about devices."""
+    import argparse
+    rest, overrides = split_override_args(argv)
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Override any config value with --config.KEY=VALUE, "
+                                            "e.g. --config.optim.lr=0.05 --config.train.epochs=1.")
+    parser.add_argument("--config", required=True, help="path to a configs/*.py file with get_config()")
+    parser.add_argument("--workdir", required=True, help=workdir_help)
+    args = parser.parse_args(list(rest))
+    config = load_config_file(args.config)
+    for key, text in overrides:
+        apply_override(config, key, text)
+    if config.get("train", {}).get("distributed", False):
+        import jax
+        jax.distributed.initialize()
+    validate_config(config)
+    config.lock()
+    return args.workdir, config
+
+
 def load_config(path: str, overrides: Sequence[tuple[str, str]] = (), *,
                 num_devices: int | None = None) -> ml_collections.ConfigDict:
     """Loads ``path``, applies ``(key, text)`` overrides in order, validates, and locks the result."""
@@ -388,6 +414,16 @@ def cifar_pretraining_recipe(config: ml_collections.ConfigDict, dataset: str) ->
     config.train.update(epochs=200, batch_size=64, eval_batch_size=500, log_every_steps=100,
                         checkpoint_every_steps=2000)
     return config
+
+
+def cifar_wide_resnet32(dataset: str) -> ml_collections.ConfigDict:
+    """The paper's wide ResNet-32 (stage widths 64/128/256) on a CIFAR dataset with its pretraining recipe."""
+    config = default_sections()
+    config.model.family = "resnet_cifar"
+    config.model.spec.depth = 32
+    config.model.spec.width_multiplier = 4
+    config.model.spec.image_size = 32
+    return cifar_pretraining_recipe(config, dataset)
 
 
 def imagenet_finetune_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

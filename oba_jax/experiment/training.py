@@ -516,12 +516,6 @@ def check_dataset_matches(spec, dataset) -> None:
             f"config.model.spec.num_classes: {spec.num_classes} != {dataset.num_classes} classes in {dataset.name!r}")
 
 
-def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
-    """Multi-host: ``jax.distributed.initialize()`` (cluster auto-detected) when ``train.distributed``."""
-    if config.train.get("distributed", False):
-        jax.distributed.initialize()
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> Metrics:
     """Builds the model and dataset from ``config``, trains (resuming from ``workdir``), evaluates.
 
