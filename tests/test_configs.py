@@ -1,5 +1,5 @@
-"""Every configs/*.py loads, validates and trains 2 steps on synthetic data of its shapes; bad
-overrides are rejected with a message naming the key."""
+"""Every configs/*.py loads, validates, trains 2 steps and runs its pruning pipeline on synthetic data of
+its shapes; bad overrides are rejected with a message naming the key."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from oba_jax.experiment import config as config_lib, pipelines, training as train_lib
+from oba_jax.experiment import config as config_lib, pipelines
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
@@ -61,33 +61,16 @@ def test_paper_recipes():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=_name)
-def test_config_trains_two_steps_on_synthetic_data(path):
-    base = config_lib.load_config(path, num_devices=1)
-    shape = tuple(base.data.synthetic.image_shape)
-    overrides = SHRINK.get(_name(path), []) + [
-        ("data.name", "synthetic"), ("data.synthetic.num_train", "8"), ("data.synthetic.num_test", "4"),
-        ("train.batch_size", "4"), ("train.eval_batch_size", "4"), ("train.max_steps", "2"),
-        ("train.progress_bar", "false")]
-    if _name(path).startswith("imagenet"):
-        overrides.append(("data.synthetic.image_shape", "(32, 32, 3)"))
-    config = config_lib.load_config(path, overrides, num_devices=1)
-    if not _name(path).startswith("imagenet"):
-        assert tuple(config.data.synthetic.image_shape) == shape
-    # No workdir: checkpoints, logs and plots are covered by test_train_cli / test_checkpoint.
-    metrics = train_lib.train_and_evaluate(config, None)
-    assert metrics["steps"] == 2 and metrics["model"] == base.model.family
-
-
-@pytest.mark.parametrize("path", CONFIGS, ids=_name)
-def test_config_prunes_on_synthetic_data(path, tmp_path):
-    """The whole prune.py pipeline of every config (dense training, schedule, shrink, fine-tuning, report)
-    for a couple of steps of each stage."""
+def test_config_trains_and_prunes_on_synthetic_data(path, tmp_path):
+    """The whole prune.py pipeline of every config on synthetic data of its shapes: dense training (two
+    steps, checkpointed), the schedule, the shrink, evaluation and the report (fine-tuning stops at 0
+    steps: its train step is the dense run's, compiled once here already)."""
     base = config_lib.load_config(path, num_devices=1)
     overrides = SHRINK.get(_name(path), []) + [
         ("data.name", "synthetic"), ("data.synthetic.num_train", "16"), ("data.synthetic.num_test", "8"),
         ("train.batch_size", "4"), ("train.eval_batch_size", "4"), ("train.max_steps", "2"),
         ("train.progress_bar", "false"), ("prune.steps", "3"), ("prune.score_batches", "1"),
-        ("prune.score_batch_size", "4"), ("prune.latency_repeats", "1"), ("finetune.max_steps", "2"),
+        ("prune.score_batch_size", "4"), ("prune.latency_repeats", "1"), ("finetune.max_steps", "0"),
         ("plot.enabled", "false")]
     if _name(path).startswith("imagenet"):
         overrides.append(("data.synthetic.image_shape", "(32, 32, 3)"))
@@ -99,6 +82,9 @@ def test_config_prunes_on_synthetic_data(path, tmp_path):
     assert targets == sorted(config.prune.ops_ratios, reverse=config.prune.mode == "iterative")
     assert all(t["ops_ratio"] <= t["target_ops_ratio"] for t in report["targets"]), report["targets"]
     assert report["importance"] == base.prune.importance
+    assert os.path.isdir(tmp_path / "dense" / "checkpoints" / "2")     # two dense training steps
+    if not _name(path).startswith("imagenet"):
+        assert tuple(config.data.synthetic.image_shape) == tuple(base.data.synthetic.image_shape)
 
 
 @pytest.mark.parametrize("key, value, fragment", [

@@ -76,23 +76,28 @@ def _latency_batch(dataset, size: int) -> jax.Array:
                             std=dataset.std)
 
 
-def _latency_ms(model: nnx.Module, x: jax.Array, repeats: int) -> float:
-    """Median time of the jitted eval-mode forward on `x` (after one untimed call)."""
-    graphdef, state = nnx_model.split(model)
+def _latencies_ms(models: list[nnx.Module], x: jax.Array, repeats: int) -> list[float]:
+    """Median times of the models' jitted eval-mode forwards on `x`, timed in alternating rounds (one
+    call of each per round, after one untimed call), so a slow spell of a shared machine falls on all."""
+    forwards = []
+    for model in models:
+        graphdef, state = nnx_model.split(model)
 
-    @jax.jit
-    def forward(state, x):
-        m = nnx_model.merge(graphdef, state)
-        m.eval()
-        return m(x)
+        @jax.jit
+        def forward(state, x, graphdef=graphdef):
+            m = nnx_model.merge(graphdef, state)
+            m.eval()
+            return m(x)
 
-    jax.block_until_ready(forward(state, x))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
         jax.block_until_ready(forward(state, x))
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+        forwards.append((forward, state))
+    times: list[list[float]] = [[] for _ in models]
+    for _ in range(repeats):
+        for k, (forward, state) in enumerate(forwards):
+            t0 = time.perf_counter()
+            jax.block_until_ready(forward(state, x))
+            times[k].append(time.perf_counter() - t0)
+    return [1000 * statistics.median(t) for t in times]
 
 
 def _progress(total: int, desc: str):
@@ -162,7 +167,6 @@ def run_pruning(config: ml_collections.ConfigDict, workdir: str) -> dict:
     dense_params = dense_graph.params(include=is_param)
     acc_dense = training.evaluate_model(dense, dataset, eval_bs)
     latency_x = _latency_batch(dataset, eval_bs)
-    latency_dense = _latency_ms(dense, latency_x, p.latency_repeats)
     targets = sorted(p.ops_ratios, reverse=True) if p.mode == "iterative" else list(p.ops_ratios)
     results, model = [], dense
     ft_config = config_lib.finetune_config(config)
@@ -173,7 +177,7 @@ def run_pruning(config: ml_collections.ConfigDict, workdir: str) -> dict:
         acc_pruned = training.evaluate_model(small, dataset, eval_bs)
         run_dir = os.path.join(workdir, f"ops_{target:g}")
         tuned, final = training.fit(small, dataset, ft_config, run_dir)
-        latency_pruned = _latency_ms(tuned, latency_x, p.latency_repeats)
+        latency_dense, latency_pruned = _latencies_ms([dense, tuned], latency_x, p.latency_repeats)
         macs = {a: graph.macs(attention=a) for a in (True, False)}
         results.append({
             "target_ops_ratio": target, "ops_ratio": macs[p.count_attention] / dense_macs[p.count_attention],
