@@ -136,7 +136,7 @@ def prune_once(model: nnx.Module, config: ml_collections.ConfigDict, target: flo
 
     try:
         plan, history = prune_to_ops(graph, score_fn, relative, final_ratio=final, steps=p.steps, selection=selection,
-                                     attention=p.count_attention, on_step=on_step)
+                                     attention=p.count_attention, params=is_param, on_step=on_step)
     except ValueError as e:
         if "out of reach" not in str(e):
             raise

@@ -123,18 +123,21 @@ class _Programs:
     program: Program
     analysis: Analysis | None
     scored: tuple[int, ...]
-    batch_fn: Callable
+    batch_fn: Callable           # (flat params, flat inputs, labels) -> {part: [scores]}, inputs cast
     stacked: Callable            # (flat, xs, ys) -> sums over a stacked pair, one lax.scan
     first: Callable              # (flat, x, y) -> sums of one batch
     add: Callable                # (acc, flat, x, y) -> acc + sums of one batch (acc donated)
 
 
-def _compile(batch_fn: Callable, cast: Callable) -> tuple[Callable, Callable, Callable]:
-    """The jitted accumulations over batches (on CPU with XLA's memory-optimising scheduler)."""
-    options = fastconv.cpu_compiler_options()
-
+def _cast_inputs(batch_fn: Callable, cast: Callable) -> Callable:
     def fn(flat, x, y):
         return batch_fn([cast(a) for a in flat], [cast(a) for a in x], y)
+    return fn
+
+
+def _compile(fn: Callable) -> tuple[Callable, Callable, Callable]:
+    """The jitted accumulations over batches (on CPU with XLA's memory-optimising scheduler)."""
+    options = fastconv.cpu_compiler_options()
 
     @functools.partial(jax.jit, compiler_options=options)
     def stacked(flat, xs_flat, ys):
@@ -217,8 +220,8 @@ class Scorer:
             analysis = analyse(program, self.options["exclude"]) if self.method.needs_analysis else None
         ctx = MethodContext(program=program, analysis=analysis, float_idx=self.float_idx, loss=self.loss,
                             options=self.options)
-        batch_fn = self.method.build(ctx)
-        return _Programs(program, analysis, self.method.scored(ctx), batch_fn, *_compile(batch_fn, self._cast))
+        batch_fn = _cast_inputs(self.method.build(ctx), self._cast)
+        return _Programs(program, analysis, self.method.scored(ctx), batch_fn, *_compile(batch_fn))
 
     def _finish(self, scored: tuple[int, ...]) -> Callable:
         """Jitted: the summed scores of the scored leaves → full lists (zeros elsewhere) + finiteness."""
@@ -325,9 +328,7 @@ class Scorer:
     def per_batch(self, example_inputs: Any) -> Callable:
         """The jitted per-batch function `(flat params, flat inputs, labels) -> {part: [scores]}` exactly as
         this scorer runs it inside its accumulation (for benchmarks: `.lower(...)`, cost analysis)."""
-        batch_fn = self._programs_for(_abstract(example_inputs)).batch_fn
-        cast = self._cast
-        return jax.jit(lambda flat, x, y: batch_fn([cast(a) for a in flat], [cast(a) for a in x], y),
+        return jax.jit(self._programs_for(_abstract(example_inputs)).batch_fn,
                        compiler_options=fastconv.cpu_compiler_options())
 
 

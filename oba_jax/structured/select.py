@@ -101,20 +101,22 @@ def step_ratios(final_ratio: float, steps: int) -> list[float]:
 
 def prune_to_ops(graph: GroupGraph, score_fn: Callable[[Plan], Mapping[str, np.ndarray]], target_ops_ratio: float,
                  *, final_ratio: float, steps: int = 50, selection: Selection = Selection(), attention: bool = True,
-                 tolerance: float = 0.01, start: Plan | None = None,
+                 tolerance: float = 0.01, start: Plan | None = None, params: Callable[[str], bool] | None = None,
                  on_step: Callable[[dict], None] | None = None) -> tuple[Plan, list[dict]]:
     """Prunes step by step until the ops ratio is ≤ the target, then refines the last step so that it lands
     within `tolerance` below the target (the authors' schedule overshoots).
 
     `score_fn(plan)` returns the group scores of the model with only `plan`'s channels (the caller scores a
     masked model of fixed shapes, so one compiled scorer serves every step); `start`: channels kept so far
-    (iterative pruning continues from a previous target). Returns the plan and one record per step.
+    (iterative pruning continues from a previous target); `params`: which leaf paths count in the records'
+    `params_ratio` (default all). Returns the plan and one record per step.
     """
     if not 0 < target_ops_ratio < 1:
         raise ValueError(f"the target ops ratio must lie in (0, 1), got {target_ops_ratio}")
     chosen = selection.selectable(graph.groups)
     dense = graph.macs(attention=attention)
     ratio_of = lambda plan: graph.macs(plan, attention=attention) / dense
+    params_of = lambda plan: graph.params(plan, include=params) / graph.params(include=params)
     alive: Plan = {g.name: np.arange(g.size) for g in chosen}
     alive.update({k: np.asarray(v) for k, v in (start or {}).items() if k in alive})
     total = sum(g.size for g in chosen)
@@ -125,11 +127,11 @@ def prune_to_ops(graph: GroupGraph, score_fn: Callable[[Plan], Mapping[str, np.n
         scores = score_fn(alive)
         plan = select_channels(graph.groups, scores, alive, r, selection)
         ops = ratio_of(plan)
-        record = {"step": t, "channel_ratio": r, "ops_ratio": ops, "params_ratio": graph.params(plan) / graph.params()}
+        record = {"step": t, "channel_ratio": r, "ops_ratio": ops, "params_ratio": params_of(plan)}
         if ops <= target_ops_ratio:
             plan, record["channel_ratio"] = _refine(graph, scores, alive, previous, r, target_ops_ratio, selection,
                                                     ratio_of, tolerance)
-            record.update(ops_ratio=ratio_of(plan), params_ratio=graph.params(plan) / graph.params(), refined=True)
+            record.update(ops_ratio=ratio_of(plan), params_ratio=params_of(plan), refined=True)
             history.append(record)
             if on_step:
                 on_step(record)
@@ -146,7 +148,7 @@ def prune_to_ops(graph: GroupGraph, score_fn: Callable[[Plan], Mapping[str, np.n
                          f"(max_pruning_ratio={selection.max_pruning_ratio}, kinds={selection.kinds}) the ops ratio is "
                          f"{ops:.3f}; allow more kinds or a higher max_pruning_ratio, or aim higher")
     history.append({"step": len(history) + 1, "channel_ratio": r, "ops_ratio": ops,
-                    "params_ratio": graph.params(plan) / graph.params(), "refined": True})
+                    "params_ratio": params_of(plan), "refined": True})
     return plan, history
 
 
