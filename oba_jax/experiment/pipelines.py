@@ -30,6 +30,7 @@ from oba_jax.experiment import checkpoint as ckpt_lib
 from oba_jax.experiment import config as config_lib
 from oba_jax.experiment import training
 from oba_jax.scores import score_model
+from oba_jax.graph import GroupGraph
 from oba_jax.structured import group_scores, mask_model, model_group_graph, shrink_model
 from oba_jax.structured.nnx import is_param
 from oba_jax.structured.select import Selection, prune_to_ops
@@ -105,12 +106,16 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
 
 
-def prune_once(model: nnx.Module, config: ml_collections.ConfigDict, target: float,
+def _graph(model: nnx.Module, config: ml_collections.ConfigDict, example: jax.Array) -> GroupGraph:
+    p = config.prune
+    return model_group_graph(model, example, ignore=tuple(p.ignored_layers), bn_mode=p.bn_mode)
+
+
+def prune_once(model: nnx.Module, graph: GroupGraph, config: ml_collections.ConfigDict, target: float,
                batches: tuple[jax.Array, jax.Array], dense_macs: int) -> tuple[nnx.Module, dict]:
     """One target: the schedule on the masked model, then the shrink. `target` is relative to the dense
-    model (`dense_macs`); `model` may already be pruned (iterative)."""
+    model (`dense_macs`); `model` (with its `graph`) may already be pruned (iterative)."""
     p = config.prune
-    graph = model_group_graph(model, batches[0][0][:1], ignore=tuple(p.ignored_layers), bn_mode=p.bn_mode)
     try:
         selection = Selection(global_pruning=p.global_pruning, max_pruning_ratio=p.max_pruning_ratio,
                               round_to=p.round_to, kinds=tuple(p.kinds))
@@ -162,18 +167,18 @@ def run_pruning(config: ml_collections.ConfigDict, workdir: str) -> dict:
     batches = _score_batches(dataset, config)
     eval_bs = config.train.eval_batch_size
     example = batches[0][0][:1]
-    dense_graph = model_group_graph(dense, example, bn_mode=p.bn_mode)
+    dense_graph = _graph(dense, config, example)
     dense_macs = {a: dense_graph.macs(attention=a) for a in (True, False)}
     dense_params = dense_graph.params(include=is_param)
     acc_dense = training.evaluate_model(dense, dataset, eval_bs)
     latency_x = _latency_batch(dataset, eval_bs)
     targets = sorted(p.ops_ratios, reverse=True) if p.mode == "iterative" else list(p.ops_ratios)
-    results, model = [], dense
+    results, model, model_graph = [], dense, dense_graph
     ft_config = config_lib.finetune_config(config)
     for target in targets:
-        start = dense if p.mode == "oneshot" else model
-        small, info = prune_once(start, config, target, batches, dense_macs[p.count_attention])
-        graph = model_group_graph(small, example, bn_mode=p.bn_mode)
+        start, start_graph = (dense, dense_graph) if p.mode == "oneshot" else (model, model_graph)
+        small, info = prune_once(start, start_graph, config, target, batches, dense_macs[p.count_attention])
+        graph = _graph(small, config, example)
         acc_pruned = training.evaluate_model(small, dataset, eval_bs)
         run_dir = os.path.join(workdir, f"ops_{target:g}")
         tuned, final = training.fit(small, dataset, ft_config, run_dir)
@@ -188,7 +193,7 @@ def run_pruning(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "acc_dense": acc_dense["top1"], "acc_pruned": acc_pruned["top1"], "acc_finetuned": final["top1"],
             "latency_dense_ms": latency_dense, "latency_pruned_ms": latency_pruned, "latency_batch": int(latency_x.shape[0]),
             "checkpoint": os.path.abspath(run_dir), "spec": _spec_dict(tuned), **info})
-        model = tuned
+        model, model_graph = tuned, graph   # fine-tuning changes values, not the structure
     report = {"mode": p.mode, "importance": p.importance, "bn_mode": p.bn_mode, "dense_checkpoint": os.path.abspath(source),
               "macs_per_image": True, "count_attention": p.count_attention, "targets": results}
     _write_json(os.path.join(workdir, REPORT_FILE), report)
