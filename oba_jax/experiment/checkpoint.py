@@ -7,19 +7,30 @@ temporary directory and renamed when complete, so a killed run never leaves a ha
   the leaf paths of `oba_jax.paths`;
 - ``train``: optimizer state and step, flat the same way (leaf names from the pytree paths);
 - ``meta`` (JSON): ``spec`` (``models.spec_to_dict``), ``config``, ``data_position``
-  (epoch, step_in_epoch), ``step`` and anything extra (e.g. accumulated wall time).
+  (epoch, step_in_epoch), ``step``, anything extra (e.g. accumulated wall time) and ``checksums``
+  (``{"model": {name: {"crc32", "dtype", "shape"}}, "train": {...}}``, one per array, taken at save time).
 
 Arrays are stored flat and restored by unflattening into a template pytree, which keeps the
 files readable and independent of how NNX/optax register their pytrees.
 :func:`restore_model` needs only the stored spec, so it works in a fresh process.
+
+Every restore checks each array against its stored checksum (checkpoints written before checksums
+existed are accepted unchecked). A step whose files cannot be read or whose arrays do not match is
+corrupt (:class:`CorruptCheckpointError`, one message naming the step directory and the file or
+array); without an explicit step the restore falls back to the newest intact step with a
+:class:`CorruptCheckpointWarning` naming the corrupt step(s) and the one restored.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
-from typing import Any, Mapping
+import sys
+import warnings
+import zlib
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -30,6 +41,24 @@ from oba_jax.paths import flat_by_path, unflatten_by_path
 
 CHECKPOINT_DIR = "checkpoints"
 MAX_TO_KEEP = 2
+META_FILE = "metadata"  # orbax JsonSave's file name inside <step>/meta/
+CHECKSUMS_KEY = "checksums"
+CORRUPT_SUFFIX = ".corrupt"
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint in a workdir belongs to a different model than the one being trained."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint's files cannot be read or its arrays do not match the checksums stored at save time.
+
+    The message is one paragraph naming the step directory and, where it is known, the file or array.
+    """
+
+
+class CorruptCheckpointWarning(UserWarning):
+    """A corrupt newest checkpoint was skipped in favour of an older intact one (the message names both steps)."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -65,50 +94,302 @@ def _abstract(flat: Mapping[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
     return {k: one(v) for k, v in flat.items()}
 
 
+# ----------------------------------------------------------------------------- checksums
+
+
+def _host(x) -> np.ndarray | None:
+    """The whole array on the host, or None when this process does not hold all of it (sharded multi-host)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if not x.is_fully_replicated:
+            return None
+        x = x.addressable_data(0)
+    return np.asarray(jax.device_get(x))
+
+
+def _crc32(a: np.ndarray) -> str:
+    return f"{zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8)):08x}"
+
+
+def _checksums(flat: Mapping[str, Any]) -> dict[str, dict]:
+    """``{name: {"crc32", "dtype", "shape"}}`` of every array (``crc32`` None for one this process does not
+    hold whole, which restores then do not verify)."""
+    out = {}
+    for name, x in flat.items():
+        host = _host(x)
+        out[name] = {"crc32": None if host is None else _crc32(host),
+                     "dtype": str(np.dtype(x.dtype) if host is None else host.dtype),
+                     "shape": list(np.shape(x))}
+    return out
+
+
+def _well_formed(checksums: Any) -> bool:
+    """Whether ``meta["checksums"]`` is ``{item: {name: {"crc32": str | None, "dtype": str, "shape": [int]}}}``."""
+    def record(r):
+        return (isinstance(r, Mapping) and isinstance(r.get("crc32"), (str, type(None)))
+                and isinstance(r.get("dtype"), str) and isinstance(r.get("shape"), list)
+                and all(isinstance(d, int) for d in r["shape"]))
+    return isinstance(checksums, Mapping) and all(
+        isinstance(records, Mapping) and all(record(r) for r in records.values()) for records in checksums.values())
+
+
+def _verify(where: str, item_dir: str, restored: Mapping[str, Any], records: Mapping[str, Mapping]) -> None:
+    """Raises CorruptCheckpointError naming the first array that does not match its stored checksum."""
+    for name, value in restored.items():
+        record = records.get(name)
+        host = None if record is None or record["crc32"] is None else _host(value)
+        if host is None:
+            continue
+        try:
+            stored = np.dtype(record["dtype"])
+        except TypeError:
+            raise CorruptCheckpointError(
+                f"{where} is corrupt: the stored checksum of array {name!r} names an unknown dtype "
+                f"{record['dtype']!r}") from None
+        if host.dtype != stored:
+            # Restored into another dtype (orbax casts to the target's): verifiable only if exact.
+            if not np.can_cast(stored, host.dtype, "safe"):
+                continue
+            host = host.astype(stored)
+        if host.shape != tuple(record["shape"]) or _crc32(host) != record["crc32"]:
+            raise CorruptCheckpointError(
+                f"{where} is corrupt: array {name!r} does not match the checksum stored when it was saved "
+                f"(its data is in {item_dir})")
+
+
+def _check_fits(where: str, template: Mapping[str, Any], records: Mapping[str, Mapping] | None) -> None:
+    """A template that asks for arrays the checkpoint lacks or shapes it does not have is a mismatch, not
+    corruption (only known when the checkpoint stores checksums, which list its arrays)."""
+    if records is None:
+        return
+    missing = [n for n in template if n not in records]
+    wrong = [f"{n} {tuple(records[n]['shape'])} != {tuple(np.shape(template[n]))}" for n in template
+             if n in records and tuple(records[n]["shape"]) != tuple(np.shape(template[n]))]
+    if missing or wrong:
+        detail = (f"{len(missing)} arrays missing, e.g. {missing[:3]}" if missing
+                  else f"{len(wrong)} arrays of other shapes, e.g. {wrong[:3]}")
+        raise CheckpointMismatchError(
+            f"{where} does not fit the state being restored ({detail}); use a new --workdir or delete the "
+            "old checkpoints.")
+
+
+# ----------------------------------------------------------------------------- reading one step
+
+
+def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
+    return os.path.join(str(manager.directory), str(step))
+
+
+def _where(manager: ocp.CheckpointManager, step: int) -> str:
+    return f"checkpoint step {step} in {_step_dir(manager, step)}"
+
+
+def _first_line(err: BaseException) -> str:
+    """The innermost cause's first line: orbax wraps tensorstore's precise error (which names the array
+    and the database) in generic ones, e.g. 'Encountered error while reading array index ...'."""
+    root, seen = err, set()
+    while id(root) not in seen and (root.__cause__ or root.__context__) is not None:
+        seen.add(id(root))
+        root = root.__cause__ or root.__context__
+    lines = [ln.strip() for ln in str(root).splitlines() if ln.strip()]
+    return f"{type(root).__name__}: {lines[0] if lines else '(no message)'}"
+
+
+_NOISE_FILTERED = False
+
+
+def _filter_orbax_read_noise() -> None:
+    """Keeps orbax's failed-read leftovers off stderr from now on.
+
+    When one array read fails, orbax abandons the sibling reads; each such coroutine, when finally
+    collected (at some later time, from whichever thread drops the last reference), turns the
+    GeneratorExit of its closing into an exception that Python prints as 'Exception ignored in:
+    <coroutine object _read_array_index_and_device_put ...>' with a long traceback. The hook installed
+    here drops exactly those (coroutines whose code is orbax's) and passes everything else on.
+    """
+    global _NOISE_FILTERED
+    if _NOISE_FILTERED:
+        return
+    previous = sys.unraisablehook
+    marker = f"{os.sep}orbax{os.sep}"
+
+    def hook(unraisable):
+        code = getattr(unraisable.object, "cr_code", None)
+        if not (code is not None and marker in code.co_filename):
+            previous(unraisable)
+    sys.unraisablehook = hook
+    _NOISE_FILTERED = True
+
+
+def _read(where: str, what: str, fn: Callable[[], Any]) -> Any:
+    """``fn()``, with any error while reading turned into one CorruptCheckpointError (no traceback chain)."""
+    try:
+        return fn()
+    except (CheckpointMismatchError, CorruptCheckpointError):
+        raise
+    except Exception as err:  # noqa: BLE001  (orbax/tensorstore/json raise anything from ValueError to Exception)
+        _filter_orbax_read_noise()
+        detail = _first_line(err)
+    gc.collect()  # finalise the failed read's abandoned coroutines now, where possible
+    raise CorruptCheckpointError(f"{where} is corrupt: {what} cannot be read ({detail})") from None
+
+
+def _read_meta_step(manager: ocp.CheckpointManager, step: int) -> dict:
+    """The step's meta JSON (checksums included); CorruptCheckpointError naming the file if it does not parse."""
+    where = _where(manager, step)
+    path = os.path.join(_step_dir(manager, step), "meta", META_FILE)
+    meta = _read(where, f"its metadata file {path}",
+                 lambda: manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    if not isinstance(meta, Mapping) or not _well_formed(meta.get(CHECKSUMS_KEY, {})):
+        raise CorruptCheckpointError(f"{where} is corrupt: its metadata file {path} is not a checkpoint's "
+                                     "metadata (a JSON object whose 'checksums' are well-formed)")
+    return dict(meta)
+
+
+def _public(meta: Mapping) -> dict:
+    """The metadata callers see (the checksums are the checkpoint's own business)."""
+    return {k: v for k, v in meta.items() if k != CHECKSUMS_KEY}
+
+
+def _restore_items(manager: ocp.CheckpointManager, step: int, meta: Mapping,
+                   targets: Mapping[str, Mapping[str, jax.ShapeDtypeStruct]]) -> dict[str, dict]:
+    """Restores the flat items ``targets`` (e.g. model, train) of ``step`` and verifies their checksums."""
+    where = _where(manager, step)
+    checksums = meta.get(CHECKSUMS_KEY)
+    for item, target in targets.items():
+        _check_fits(where, target, None if checksums is None else checksums.get(item, {}))
+    restored = _read(where, f"the arrays of {'/'.join(targets)} in {_step_dir(manager, step)}",
+                     lambda: manager.restore(step, args=ocp.args.Composite(
+                         **{item: ocp.args.StandardRestore(dict(t)) for item, t in targets.items()})))
+    restored = {item: dict(restored[item]) for item in targets}
+    if checksums is not None:
+        for item in targets:
+            _verify(where, os.path.join(_step_dir(manager, step), item), restored[item],
+                    checksums.get(item, {}))
+    return restored
+
+
+def _with_fallback(manager: ocp.CheckpointManager, step: int | None, restore_one: Callable[[int], Any]):
+    """``(step, restore_one(step), corrupt)`` for the given step, or for the newest step that is not corrupt
+    (``corrupt``: ``[(step, error)]`` of the newer ones skipped, see :func:`_warn_fallback`). None if there
+    is no step."""
+    if step is not None:
+        if step not in manager.all_steps():
+            raise FileNotFoundError(f"no checkpoint of step {step} in {manager.directory} "
+                                    f"(steps there: {sorted(manager.all_steps())})")
+        return step, restore_one(step), []
+    corrupt: list[tuple[int, CorruptCheckpointError]] = []
+    for candidate in sorted(manager.all_steps(), reverse=True):
+        try:
+            result = restore_one(candidate)
+        except CorruptCheckpointError as err:
+            corrupt.append((candidate, err))
+            continue
+        return candidate, result, corrupt
+    if not corrupt:
+        return None
+    if len(corrupt) == 1:
+        raise corrupt[0][1]
+    raise CorruptCheckpointError(
+        f"every checkpoint in {manager.directory} is corrupt (steps {', '.join(str(s) for s, _ in corrupt)}): "
+        + "; ".join(str(err) for _, err in corrupt))
+
+
+def _warn_fallback(manager: ocp.CheckpointManager, step: int, corrupt, moved=()) -> None:
+    """One warning naming the corrupt steps skipped (and why) and the step restored instead."""
+    if not corrupt:
+        return
+    skipped = ", ".join(str(s) for s, _ in corrupt)
+    aside = f" Moved the corrupt step(s) aside to {', '.join(moved)}." if moved else ""
+    warnings.warn(
+        f"skipped corrupt checkpoint step{'s' if len(corrupt) > 1 else ''} {skipped} and restored step {step}, "
+        f"the newest intact one, from {manager.directory}: " + "; ".join(str(err) for _, err in corrupt) + aside,
+        CorruptCheckpointWarning, stacklevel=3)
+
+
+def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> list[str]:
+    """Renames corrupt step dirs to ``<step>.corrupt`` (which orbax ignores) so that a resumed run can save
+    those steps again instead of orbax skipping every save up to the newest (corrupt) step."""
+    moved = []
+    for step in steps:
+        src = _step_dir(manager, step)
+        dst, n = src + CORRUPT_SUFFIX, 1
+        while os.path.exists(dst):
+            dst, n = f"{src}{CORRUPT_SUFFIX}{n}", n + 1
+        moved.append(dst)
+        if jax.process_index() == 0:
+            os.rename(src, dst)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("oba_jax.checkpoint.set_aside_corrupt")
+    manager.reload()
+    return moved
+
+
+# ----------------------------------------------------------------------------- save / restore
+
+
 def save_state(manager: ocp.CheckpointManager, step: int, state, *, spec=None, config=None,
                data_position: Mapping[str, int] | None = None, extra: Mapping[str, Any] | None = None) -> None:
-    """Saves a :class:`oba_jax.train_lib.TrainState` (asynchronously; atomic on completion)."""
+    """Saves a :class:`oba_jax.train_lib.TrainState` (asynchronously; atomic on completion).
+
+    The meta JSON gets a checksum of every array (computed here from host copies, before orbax's
+    asynchronous write), which restores verify.
+    """
     from models import spec_to_dict
-    meta = {"step": int(step), "spec": spec_to_dict(spec) if spec is not None else None,
-            "config": json.loads(config.to_json_best_effort()) if config is not None else None,
-            "data_position": dict(data_position or {}), **dict(extra or {})}
+    if extra and CHECKSUMS_KEY in extra:
+        raise ValueError(f"extra metadata may not use the reserved key {CHECKSUMS_KEY!r}")
     model = {**flatten_named(state.params, "params"), **flatten_named(state.batch_stats, "batch_stats")}
     train = {**flatten_named(state.opt_state, "opt_state"), "step": state.step}
+    meta = {"step": int(step), "spec": spec_to_dict(spec) if spec is not None else None,
+            "config": json.loads(config.to_json_best_effort()) if config is not None else None,
+            "data_position": dict(data_position or {}), **dict(extra or {}),
+            CHECKSUMS_KEY: {"model": _checksums(model), "train": _checksums(train)}}
     manager.save(int(step), args=ocp.args.Composite(
         model=ocp.args.StandardSave(model), train=ocp.args.StandardSave(train), meta=ocp.args.JsonSave(meta)))
 
 
-class CheckpointMismatchError(ValueError):
-    """The checkpoint in a workdir belongs to a different model than the one being trained."""
-
-
-def restore_state(manager: ocp.CheckpointManager, template, step: int | None = None, *, spec=None):
+def restore_state(manager: ocp.CheckpointManager, template, step: int | None = None, *, spec=None,
+                  set_aside_corrupt: bool = False):
     """``(state, meta)`` from the latest (or given) step shaped like ``template``; None if no checkpoint.
 
     With ``spec``, first checks that the checkpoint was written for the same architecture, so that
-    reusing a workdir for another model fails with a clear message instead of a shape error.
+    reusing a workdir for another model fails with a clear message instead of a shape error
+    (:class:`CheckpointMismatchError`).
+
+    Every array is checked against the checksum stored at save time. Without ``step``, a corrupt
+    newest step falls back to the newest intact one (:class:`CorruptCheckpointWarning` naming both);
+    if all are corrupt, or the given ``step`` is, raises :class:`CorruptCheckpointError`. With
+    ``set_aside_corrupt`` (for a run about to resume and save again) the skipped corrupt steps are
+    renamed to ``<step>.corrupt``: otherwise orbax would keep them as the newest steps and silently
+    skip every save up to them.
     """
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        return None
-    if spec is not None:
-        from models import spec_to_dict
-        stored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"].get("spec")
-        if stored is not None and stored != spec_to_dict(spec):
-            raise CheckpointMismatchError(
-                f"{manager.directory} holds checkpoints of a different model ({stored}) than the configured "
-                f"one ({spec_to_dict(spec)}); use a new --workdir or delete the old checkpoints.")
     model_flat = {**flatten_named(template.params, "params"), **flatten_named(template.batch_stats, "batch_stats")}
     train_flat = {**flatten_named(template.opt_state, "opt_state"), "step": template.step}
-    restored = manager.restore(step, args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(_abstract(model_flat)),
-        train=ocp.args.StandardRestore(_abstract(train_flat)), meta=ocp.args.JsonRestore()))
+    targets = {"model": _abstract(model_flat), "train": _abstract(train_flat)}
+
+    def restore_one(step: int):
+        meta = _read_meta_step(manager, step)
+        if spec is not None:
+            from models import spec_to_dict
+            stored = meta.get("spec")
+            if stored is not None and stored != spec_to_dict(spec):
+                raise CheckpointMismatchError(
+                    f"{manager.directory} holds checkpoints of a different model ({stored}) than the configured "
+                    f"one ({spec_to_dict(spec)}); use a new --workdir or delete the old checkpoints.")
+        return _restore_items(manager, step, meta, targets), _public(meta)
+
+    found = _with_fallback(manager, step, restore_one)
+    if found is None:
+        return None
+    step, (restored, meta), corrupt = found
+    moved = _set_aside(manager, [s for s, _ in corrupt]) if set_aside_corrupt and corrupt else ()
+    _warn_fallback(manager, step, corrupt, moved)
     state = type(template)(
         step=restored["train"]["step"],
         params=unflatten_named(template.params, "params", restored["model"]),
         batch_stats=unflatten_named(template.batch_stats, "batch_stats", restored["model"]),
         opt_state=unflatten_named(template.opt_state, "opt_state", restored["train"]))
-    return state, restored["meta"]
+    return state, meta
 
 
 def _resolve(path: str) -> tuple[str, int | None]:
@@ -123,22 +404,26 @@ def _resolve(path: str) -> tuple[str, int | None]:
 
 @contextlib.contextmanager
 def _open_read_only(path: str, step: int | None):
-    """Yields ``(manager, directory, step, meta)`` for the latest (or given) checkpoint under ``path``."""
+    """Yields ``(manager, directory, step)``: the step given, or the one ``path`` names (a step dir), or None."""
     directory, found_step = _resolve(path)
     step = found_step if step is None else step
     with ocp.CheckpointManager(directory, item_names=("model", "train", "meta"),
                                options=ocp.CheckpointManagerOptions(read_only=True, create=False)) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None:
+        if not manager.all_steps():
             raise FileNotFoundError(f"no checkpoint in {directory}")
-        meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
-        yield manager, directory, step, meta
+        yield manager, directory, step
 
 
 def read_meta(path: str, step: int | None = None) -> dict:
-    """The JSON metadata (spec, config, data position, step) of the latest (or given) checkpoint."""
-    with _open_read_only(path, step) as (_, _, _, meta):
-        return meta
+    """The JSON metadata (spec, config, data position, step) of the latest (or given) checkpoint.
+
+    Without ``step``, a step whose metadata does not parse falls back to the next older one (with a
+    warning); the arrays are not read, so not verified.
+    """
+    with _open_read_only(path, step) as (manager, _, given):
+        found, meta, corrupt = _with_fallback(manager, given, lambda s: _read_meta_step(manager, s))
+        _warn_fallback(manager, found, corrupt)
+        return _public(meta)
 
 
 def restore_model(path: str, step: int | None = None):
@@ -146,11 +431,14 @@ def restore_model(path: str, step: int | None = None):
 
     Returns ``(model, extra)`` where ``extra`` is the checkpoint metadata (spec, config, step,
     data_position, ...). Needs nothing but the checkpoint: the architecture comes from the stored spec.
+    The arrays are verified against their stored checksums; for a workdir or checkpoints dir (no step
+    given) a corrupt newest step falls back to the newest intact one, as in :func:`restore_state`.
     """
     from flax import nnx
     from models import build_model, spec_from_dict
 
-    with _open_read_only(path, step) as (manager, directory, step, meta):
+    def restore_one(step: int):
+        meta = _read_meta_step(manager, step)
         if not meta.get("spec"):
             raise ValueError(f"checkpoint {directory}/{step} stores no architecture spec")
         spec = spec_from_dict(meta["spec"])
@@ -159,11 +447,17 @@ def restore_model(path: str, step: int | None = None):
         _, state = nnx_model.split(abstract)
         params, batch_stats = state.params, state.batch_stats
         flat = {**flatten_named(params, "params"), **flatten_named(batch_stats, "batch_stats")}
-        restored = manager.restore(step, args=ocp.args.Composite(
-            model=ocp.args.StandardRestore({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()})))
-    params = unflatten_named(params, "params", restored["model"])
-    batch_stats = unflatten_named(batch_stats, "batch_stats", restored["model"])
+        target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()}
+        restored = _restore_items(manager, step, meta, {"model": target})["model"]
+        return spec, params, batch_stats, restored, meta
+
+    with _open_read_only(path, step) as (manager, directory, given):
+        found, (spec, params, batch_stats, restored, meta), corrupt = _with_fallback(manager, given, restore_one)
+        _warn_fallback(manager, found, corrupt)
+    params = unflatten_named(params, "params", restored)
+    batch_stats = unflatten_named(batch_stats, "batch_stats", restored)
     model = build_model(spec, rngs=nnx.Rngs(0))
     nnx.update(model, params, batch_stats)
     model.eval()
-    return model, {**meta, "step": step}
+    return model, {**_public(meta), "step": found}
+
