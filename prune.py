@@ -1,13 +1,24 @@
 """oba-jax pruning CLI.
 
-Structured prune-and-finetune of the experiment a config describes (`oba_jax.experiment.pipelines`):
+Prune-and-finetune of the experiment a config describes (`oba_jax.experiment.pipelines`):
 
     python prune.py --config configs/fashion_mnist.py --workdir runs/fashion_mnist [--config.KEY=VALUE ...]
 
 trains the dense model into WORKDIR/dense first unless `prune.pretrained` names a train.py workdir, then
 prunes to every target of `prune.ops_ratios`, fine-tunes, and writes WORKDIR/report.json, the plots and
-one checkpoint per target (WORKDIR/ops_<target>). Exit status 2: invalid config, 3: dataset missing,
-4: a checkpoint of another model.
+one checkpoint per target (WORKDIR/ops_<target>). User errors end with one paragraph on stderr and the exit
+statuses of train.py (oba_jax.experiment.cli): 2 invalid config, 3 dataset missing or corrupt, 4 a checkpoint
+of another model, 5 a corrupt checkpoint, 6 a diverged fine-tuning, 7 WORKDIR held by another run, 8 a file
+system error.
+
+Unstructured masks instead of channels (OBA_SPEC.md §6):
+
+    python prune.py --config configs/fashion_mnist.py --workdir runs/fm_unstructured --config.prune.mode=unstructured
+
+runs the progressive schedule to `prune.keep_ratio` for `prune.importance` and every method of `prune.compare`,
+reports test accuracy at each of `prune.report_keep_ratios` (and the one-shot `prune.n_m` point), fine-tunes the
+masked model for `finetune.epochs` (0: not at all) into WORKDIR/unstructured_<method> (a checkpoint holding the
+masks), and writes WORKDIR/report.json, accuracy_vs_keep.png and layer_sparsity.png.
 
 Importance scores of a trained checkpoint:
 
@@ -70,6 +81,13 @@ def _score_batches(dataset, num_batches: int, batch_size: int, seed: int):
         yield x, jnp.asarray(dataset.train_labels[idx])
 
 
+def _with_progress(items, bar):
+    for item in items:
+        yield item
+        bar.update(1)
+    bar.close()
+
+
 def _plot_histogram(by_path: dict[str, np.ndarray], path: str, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -96,11 +114,11 @@ def score_command(args: argparse.Namespace) -> dict:
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
-    from tqdm import tqdm
 
     import oba_jax
-    from oba_jax.experiment.checkpoint import restore_model
-    from oba_jax.experiment.data import DatasetNotFoundError, load_dataset
+    from oba_jax.experiment.checkpoint import CorruptCheckpointError, restore_model
+    from oba_jax.experiment.data import load_dataset
+    from oba_jax.experiment.progress import progress_bar
 
     if args.num_batches < 1 or args.batch_size < 1:
         _fail("--num-batches and --batch-size must be positive", 2)
@@ -109,21 +127,22 @@ def score_command(args: argparse.Namespace) -> dict:
         _fail(f"--parts and --first-order are options of --method oba, not of {args.method}", 2)
     try:
         model, meta = restore_model(args.checkpoint)
+    except CorruptCheckpointError:
+        raise      # its own exit status (5)
     except (FileNotFoundError, ValueError) as err:
         _fail(f"cannot restore a model from {args.checkpoint!r}: {err}. Pass the --workdir of a train.py run.", 2)
     data_cfg = (meta.get("config") or {}).get("data", {})
     name = data_cfg.get("name", "fashion_mnist")
-    try:
-        if name == "synthetic":
-            dataset = load_dataset(name, **data_cfg.get("synthetic", {}))
-        else:
-            dataset = load_dataset(name, args.data_dir or data_cfg.get("data_dir") or None)
-    except DatasetNotFoundError as err:
-        _fail(str(err), 3)
-
     out = args.out or os.path.join(args.checkpoint, f"scores_{args.method}")
-    batches = tqdm(_score_batches(dataset, args.num_batches, args.batch_size, args.seed),
-                   total=args.num_batches, desc=f"{args.method} scores", unit="batch", file=sys.stderr)
+    if os.path.exists(out) and not os.path.isdir(out):
+        _fail(f"--out {out!r} is an existing file; pass a directory (it is created if missing)", 2)
+    if name == "synthetic":
+        dataset = load_dataset(name, **data_cfg.get("synthetic", {}))
+    else:
+        dataset = load_dataset(name, args.data_dir or data_cfg.get("data_dir") or None)
+
+    batches = _with_progress(_score_batches(dataset, args.num_batches, args.batch_size, args.seed),
+                             progress_bar(args.num_batches, f"{args.method} scores", "batch"))
     start = time.perf_counter()
     result = oba_jax.score_model(model, batches, args.method, bn_mode=args.bn_mode,
                                  dtype=jnp.float64 if args.dtype == "float64" else None,
@@ -161,41 +180,28 @@ def score_command(args: argparse.Namespace) -> dict:
 
 
 def prune_command(argv: list[str]) -> int:
-    """`prune.py --config C --workdir W [--config.k=v ...]`: the structured pipeline; the exit status."""
+    """`prune.py --config C --workdir W [--config.k=v ...]`: the prune pipeline of `prune.mode`; the exit status."""
     from oba_jax.experiment import config as config_lib
-
-    try:
-        workdir, config = config_lib.config_from_cli(argv, prog="prune.py", description=__doc__,
-                                                     workdir_help="directory for the dense run, checkpoints, report, plots")
-    except config_lib.ConfigError as e:
-        print(f"prune.py: invalid configuration: {e}", file=sys.stderr)
-        return 2
-
+    workdir, config = config_lib.config_from_cli(argv, prog="prune.py", description=__doc__,
+                                                 workdir_help="directory for the dense run, checkpoints, report, plots")
     from oba_jax.experiment import pipelines
-    from oba_jax.experiment.checkpoint import CheckpointMismatchError
-    from oba_jax.experiment.data import DatasetNotFoundError
-    try:
+    from oba_jax.experiment.lock import workdir_lock
+    with workdir_lock(workdir):
         report = pipelines.run_pruning(config, workdir)
-    except config_lib.ConfigError as e:
-        print(f"prune.py: invalid configuration: {e}", file=sys.stderr)
-        return 2
-    except DatasetNotFoundError as e:
-        print(f"prune.py: {e}", file=sys.stderr)
-        return 3
-    except CheckpointMismatchError as e:
-        print(f"prune.py: {e}", file=sys.stderr)
-        return 4
     print(pipelines.result_table(report))
     print(f"report: {os.path.join(workdir, pipelines.REPORT_FILE)}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    from oba_jax.experiment.cli import run_cli
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["score"]:
-        score_command(_parser().parse_args(argv))
-        return 0
-    return prune_command(argv)
+        def score() -> int:
+            score_command(_parser().parse_args(argv))
+            return 0
+        return run_cli("prune.py", score)
+    return run_cli("prune.py", lambda: prune_command(argv))
 
 
 if __name__ == "__main__":

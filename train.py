@@ -3,8 +3,10 @@
     python train.py --config configs/fashion_mnist.py --workdir runs/fmnist [--config.optim.lr=0.05 ...]
 
 Re-running the same command with the same --workdir resumes from the latest checkpoint there.
-Exits with status 2 and a one-paragraph message (no traceback) when the config is invalid and
-status 3 when the dataset is missing, 4 when --workdir holds another model's checkpoints.
+A user error ends the run with a one-paragraph message (no traceback) and an exit status
+(oba_jax.experiment.cli): 2 invalid config, 3 dataset missing or corrupt, 4 --workdir holds another
+model's checkpoints, 5 every checkpoint there is corrupt, 6 the loss diverged (NaN/inf), 7 another run
+holds --workdir, 8 a file system error (not writable, disk full), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -30,32 +32,20 @@ def result_table(config, metrics: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from oba_jax.experiment import config as config_lib
+    from oba_jax.experiment.cli import run_cli
 
-    try:
+    def body() -> int:
+        from oba_jax.experiment import config as config_lib
         workdir, config = config_lib.config_from_cli(
             argv, prog="train.py", description=__doc__.split("\n\n")[0],
             workdir_help="directory for checkpoints, metrics.jsonl and plots")
-    except config_lib.ConfigError as e:
-        print(f"train.py: invalid configuration: {e}", file=sys.stderr)
-        return 2
-
-    from oba_jax.experiment import training as train_lib
-    from oba_jax.experiment.checkpoint import CheckpointMismatchError
-    from oba_jax.experiment.data import DatasetNotFoundError
-    try:
-        metrics = train_lib.train_and_evaluate(config, workdir)
-    except DatasetNotFoundError as e:
-        print(f"train.py: {e}", file=sys.stderr)
-        return 3
-    except CheckpointMismatchError as e:
-        print(f"train.py: cannot resume: {e}", file=sys.stderr)
-        return 4
-    except config_lib.ConfigError as e:
-        print(f"train.py: invalid configuration: {e}", file=sys.stderr)
-        return 2
-    print(result_table(config, metrics))
-    return 0
+        from oba_jax.experiment import training as train_lib
+        from oba_jax.experiment.lock import workdir_lock
+        with workdir_lock(workdir):   # before the data is loaded: a second run is refused at once
+            metrics = train_lib.train_and_evaluate(config, workdir)
+        print(result_table(config, metrics))
+        return 0
+    return run_cli("train.py", body)
 
 
 if __name__ == "__main__":

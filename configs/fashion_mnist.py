@@ -2,6 +2,8 @@
 structured pruning to ops ratio 0.5 and three epochs of fine-tuning (what `make demo` runs).
 
     python prune.py --config configs/fashion_mnist.py --workdir runs/fashion_mnist
+    python prune.py --config configs/fashion_mnist.py --workdir runs/fashion_mnist_unstructured \
+        --config.prune.mode=unstructured --config.prune.pretrained=runs/fashion_mnist/dense
     python train.py --config configs/fashion_mnist.py --workdir runs/fashion_mnist/dense   # the dense model alone
 """
 
@@ -32,7 +34,10 @@ def get_config():
     config.train.log_every_steps = 50
     config.train.checkpoint_every_steps = 500
 
+    # --config.prune.mode=unstructured: OBA's progressive schedule to keep ratio 0.1 against taylor and magnitude,
+    # and a one-shot 2:4 point (the first conv reads one channel, so 2:4 skips it)
     config.prune = prune_section(mode="oneshot", importance="oba", ops_ratios=(0.5,), steps=50, score_batches=10,
-                                 score_batch_size=64)
+                                 score_batch_size=64, keep_ratio=0.1, compare=("taylor", "magnitude"), n_m=(2, 4),
+                                 n_m_exclude=("layers/0/conv",))
     config.finetune = finetune_section(epochs=3.0, lr=0.01, schedule="cosine", weight_decay=1e-4)
     return config

@@ -21,6 +21,7 @@ SHRINK = {
     "cifar10_resnet32": [("model.spec.width_multiplier", "1")],
     "cifar10_resnet32_iterative": [("model.spec.width_multiplier", "1"), ("model.spec.depth", "8"),
                                    ("prune.ops_ratios", "(0.6, 0.3)")],
+    "cifar10_resnet20_unstructured": [("model.spec.depth", "8"), ("prune.compare", "()")],
     "cifar100_resnet32": [("model.spec.width_multiplier", "1"), ("model.spec.depth", "8")],
     "imagenet_resnet50": [("model.spec.image_size", "32"), ("model.spec.stem_width", "8"),
                           ("model.spec.stage_widths", "(16, 16, 16, 16)"),
@@ -39,7 +40,7 @@ def _name(path: str) -> str:
 
 def test_the_required_configs_exist():
     names = {_name(p) for p in CONFIGS}
-    assert {"fashion_mnist", "cifar10_vgg19", "cifar100_vgg19", "cifar10_resnet32", "cifar100_resnet32",
+    assert {"fashion_mnist", "cifar10_resnet20_unstructured", "cifar10_vgg19", "cifar100_vgg19", "cifar10_resnet32", "cifar100_resnet32",
             "imagenet_resnet50", "imagenet_vit_b16"} <= names
 
 
@@ -71,6 +72,7 @@ def test_config_trains_and_prunes_on_synthetic_data(path, tmp_path):
         ("train.batch_size", "4"), ("train.eval_batch_size", "4"), ("train.max_steps", "2"),
         ("train.progress_bar", "false"), ("prune.steps", "3"), ("prune.score_batches", "1"),
         ("prune.score_batch_size", "4"), ("prune.latency_repeats", "1"), ("finetune.max_steps", "0"),
+        ("prune.unstructured_steps", "2"),
         ("plot.enabled", "false")]
     if _name(path).startswith("imagenet"):
         overrides.append(("data.synthetic.image_shape", "(32, 32, 3)"))
@@ -78,11 +80,15 @@ def test_config_trains_and_prunes_on_synthetic_data(path, tmp_path):
         overrides.append(("model.spec.depth", "8"))   # the recipe is the same; 15 blocks only cost time here
     config = config_lib.load_config(path, overrides, num_devices=1)
     report = pipelines.run_pruning(config, str(tmp_path))
+    assert os.path.isdir(tmp_path / "dense" / "checkpoints" / "2")     # two dense training steps
+    assert report["importance"] == base.prune.importance
+    if config.prune.mode == "unstructured":
+        final = report["results"][config.prune.importance]["final"]
+        assert final["kept"] == round(config.prune.keep_ratio * final["size"])
+        return
     targets = [t["target_ops_ratio"] for t in report["targets"]]
     assert targets == sorted(config.prune.ops_ratios, reverse=config.prune.mode == "iterative")
     assert all(t["ops_ratio"] <= t["target_ops_ratio"] for t in report["targets"]), report["targets"]
-    assert report["importance"] == base.prune.importance
-    assert os.path.isdir(tmp_path / "dense" / "checkpoints" / "2")     # two dense training steps
     if not _name(path).startswith("imagenet"):
         assert tuple(config.data.synthetic.image_shape) == tuple(base.data.synthetic.image_shape)
 

@@ -298,6 +298,7 @@ def test_tfds_prepared_dir_read_without_tensorflow(tmp_path):
 @pytest.mark.parametrize("name", ["fashion_mnist", "cifar10", "cifar100"])
 def test_missing_dataset_error_lists_places_and_downloads_nothing(tmp_path, monkeypatch, name):
     monkeypatch.setenv(data.ENV_DATA_DIR, str(tmp_path / "env"))
+    (tmp_path / "given").mkdir()
     with pytest.raises(data.DatasetNotFoundError) as info:
         data.load_dataset(name, str(tmp_path / "given"))
     message = str(info.value)
@@ -527,3 +528,9 @@ def test_imagenet_loader_reads_prepared_tfds_dir(tmp_path):
     with pytest.raises(ValueError, match="imagenet_loader"):
         data.load_dataset("imagenet2012", str(tmp_path))
     assert "tensorflow" not in sys.modules
+
+
+def test_a_data_dir_the_user_names_must_exist(tmp_path):
+    """Only the default search order falls back; a named place that is not there is an error at once."""
+    with pytest.raises(data.DatasetNotFoundError, match="is not a directory"):
+        data.load_dataset("fashion_mnist", str(tmp_path / "no" / "such"))

@@ -78,6 +78,8 @@ def test_iterative_continues_from_each_fine_tuned_model(tmp_path, oneshot):
     (["--config.prune.kinds=('neurons',)"], 2, "prune.kinds"),
     (["--config.prune.ignored_layers=('layers/0/conv', 'layers/1/conv')"], 2, "nothing to prune"),
     (["--config.prune.mode=iterative", "--config.prune.ops_ratios=(0.3, 0.6)"], 2, "decreasing"),
+    (["--config.prune.mode=unstructured", "--config.prune.keep_ratio=0"], 2, "prune.keep_ratio"),
+    (["--config.prune.mode=unstructured", "--config.prune.n_m_exclude=()"], 2, "not a multiple of 4"),
 ])
 def test_bad_configs_are_clear_errors(tmp_path, oneshot, extra, status, message):
     proc = _prune(tmp_path, f"--config.prune.pretrained={oneshot[0] / 'dense'}", *extra)
@@ -89,3 +91,37 @@ def test_bad_configs_are_clear_errors(tmp_path, oneshot, extra, status, message)
 def test_a_checkpoint_of_another_architecture_is_refused(tmp_path, oneshot):
     proc = _prune(tmp_path, f"--config.prune.pretrained={oneshot[0] / 'dense'}", "--config.model.spec.cfg=(8,'M',16)")
     assert proc.returncode == 4 and "describes" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unstructured_mode_masks_reports_plots_and_a_checkpoint_with_the_masks(tmp_path, oneshot):
+    proc = _prune(tmp_path, f"--config.prune.pretrained={oneshot[0] / 'dense'}", "--config.prune.mode=unstructured",
+                  "--config.prune.unstructured_steps=3", "--config.prune.report_keep_ratios=(0.9, 0.5, 0.1)",
+                  "--config.prune.compare=('magnitude',)", "--config.finetune.max_steps=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["mode"] == "unstructured" and report["methods"] == ["oba", "magnitude"]
+    for method, r in report["results"].items():
+        assert [pt["target_keep_ratio"] for pt in r["points"]] == [0.9, 0.5, 0.1]
+        for pt in r["points"]:
+            assert abs(pt["keep_ratio"] - pt["target_keep_ratio"]) < 1e-3 and 0 <= pt["acc"] <= 1
+        assert len(r["history"]) == 3 and r["final"]["finetune_steps"] == 2
+        assert r["n_m"]["pattern"] == "2:4" and r["n_m"]["layers"]["layers/1/conv/kernel"] == 0.5
+        assert r["n_m"]["layers"]["layers/0/conv/kernel"] == 0.0    # n_m_exclude: one input channel
+        assert set(r["final"]["layers"]) == set(report["scored_leaves"])
+    assert (tmp_path / "accuracy_vs_keep.png").stat().st_size > 1000
+    assert (tmp_path / "layer_sparsity.png").stat().st_size > 1000
+    assert "2:4 one-shot" in proc.stdout and "magnitude" in proc.stdout
+    # the fine-tuned checkpoint restores in a fresh process with its masks; pruned weights are exactly zero
+    script = ("import sys, json, jax, numpy as np; from flax import nnx\n"
+              "from oba_jax.experiment.checkpoint import restore_masks, restore_model\n"
+              "m, _ = restore_model(sys.argv[1]); masks, step = restore_masks(sys.argv[1])\n"
+              "p = jax.tree.leaves(nnx.state(m, nnx.Param)); k = jax.tree.leaves(masks)\n"
+              "print(json.dumps([step, sum(int((np.asarray(a)[~np.asarray(b)] != 0).sum()) for a, b in zip(p, k)),"
+              " sum(int((~np.asarray(b)).sum()) for b in k)]))")
+    out = subprocess.run([sys.executable, "-c", script, report["results"]["oba"]["final"]["checkpoint"]], cwd=ROOT,
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    step, nonzero_pruned, pruned = json.loads(out.stdout.strip().splitlines()[-1])
+    final = report["results"]["oba"]["final"]
+    assert step == 2 and nonzero_pruned == 0
+    assert pruned == final["size"] - final["kept"] and final["kept"] == round(0.1 * final["size"])

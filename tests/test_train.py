@@ -193,3 +193,31 @@ def test_four_devices_give_the_same_loss_curve_as_one():
     np.testing.assert_allclose(four["losses"], one["losses"], rtol=2e-4, atol=2e-5)
     for k in ("loss", "top1", "top5"):
         assert four["eval"][k] == pytest.approx(one["eval"][k], rel=1e-3, abs=1e-3)
+
+
+def test_masked_fine_tuning_keeps_pruned_weights_zero_through_checkpoint_and_resume(tmp_path):
+    """Masks live in the optimizer state: a run stopped after step 4 and resumed to 8 keeps every pruned
+    weight exactly 0, restores the masks from its checkpoint, and ends where an uninterrupted run ends."""
+    from oba_jax.experiment.checkpoint import restore_masks
+    dataset = train_lib.load_dataset_for(small_config())
+    model = build_model(config_lib.model_spec(small_config()), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    masks = jax.tree.map(lambda p: jnp.asarray(rng.random(p.shape) < 0.4), nnx.state(model, nnx.Param))
+    config = small_config(epochs=2, checkpoint_every_steps=3, max_steps=4)
+    config.optim.update(weight_decay=1e-3, momentum=0.9)
+    train_lib.fit(model, dataset, config, str(tmp_path / "run"), masks=masks)
+    config.train.max_steps = 8
+    resumed, metrics = train_lib.fit(model, dataset, config, str(tmp_path / "run"), masks=masks)
+    straight, _ = train_lib.fit(model, dataset, config, str(tmp_path / "straight"), masks=masks)
+    assert metrics["steps"] == 8
+    leaves = zip(jax.tree.leaves(nnx.state(resumed, nnx.Param)), jax.tree.leaves(nnx.state(straight, nnx.Param)),
+                 jax.tree.leaves(masks), jax.tree.leaves(nnx.state(model, nnx.Param)))
+    for got, want, m, before in leaves:
+        got, m = np.asarray(got), np.asarray(m)
+        assert (got[~m] == 0).all()
+        assert (got[m] != np.asarray(before)[m]).any()          # the kept weights trained
+        np.testing.assert_array_equal(got, np.asarray(want))    # resume is exact
+    stored, step = restore_masks(str(tmp_path / "run"))
+    assert step == 8
+    for a, b in zip(jax.tree.leaves(stored), jax.tree.leaves(masks)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

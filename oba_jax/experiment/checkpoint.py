@@ -26,7 +26,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging
 import os
+import re
 import sys
 import warnings
 import zlib
@@ -197,6 +199,10 @@ def _first_line(err: BaseException) -> str:
 _NOISE_FILTERED = False
 
 
+def _closed_loop(err: BaseException | None) -> bool:
+    return isinstance(err, RuntimeError) and str(err) == "Event loop is closed"
+
+
 def _filter_orbax_read_noise() -> None:
     """Keeps orbax's failed-read leftovers off stderr from now on.
 
@@ -204,7 +210,8 @@ def _filter_orbax_read_noise() -> None:
     collected (at some later time, from whichever thread drops the last reference), turns the
     GeneratorExit of its closing into an exception that Python prints as 'Exception ignored in:
     <coroutine object _read_array_index_and_device_put ...>' with a long traceback. The hook installed
-    here drops exactly those (coroutines whose code is orbax's) and passes everything else on.
+    here drops exactly those (coroutines whose code is orbax's, or exceptions raised through orbax's code,
+    such as 'Event loop is closed' from its abandoned loop) and passes everything else on.
     """
     global _NOISE_FILTERED
     if _NOISE_FILTERED:
@@ -212,23 +219,38 @@ def _filter_orbax_read_noise() -> None:
     previous = sys.unraisablehook
     marker = f"{os.sep}orbax{os.sep}"
 
-    def hook(unraisable):
+    def from_orbax(unraisable) -> bool:
         code = getattr(unraisable.object, "cr_code", None)
-        if not (code is not None and marker in code.co_filename):
+        if code is not None and marker in code.co_filename:
+            return True
+        if _closed_loop(unraisable.exc_value):
+            return True
+        tb = unraisable.exc_traceback   # e.g. 'Event loop is closed' raised while closing orbax's abandoned loop
+        while tb is not None:
+            if marker in tb.tb_frame.f_code.co_filename:
+                return True
+            tb = tb.tb_next
+        return False
+
+    def hook(unraisable):
+        if not from_orbax(unraisable):
             previous(unraisable)
     sys.unraisablehook = hook
+    # the same leftovers, when a thread pool's done-callback finds orbax's loop closed, are logged instead
+    logging.getLogger("concurrent.futures").addFilter(
+        lambda record: not (record.exc_info and _closed_loop(record.exc_info[1])))
     _NOISE_FILTERED = True
 
 
 def _read(where: str, what: str, fn: Callable[[], Any]) -> Any:
     """``fn()``, with any error while reading turned into one CorruptCheckpointError (no traceback chain)."""
+    _filter_orbax_read_noise()   # before the read: sibling reads may report while the first error propagates
     try:
         return fn()
     except (CheckpointMismatchError, CorruptCheckpointError):
         raise
     except Exception as err:  # noqa: BLE001  (orbax/tensorstore/json raise anything from ValueError to Exception)
-        _filter_orbax_read_noise()
-        detail = _first_line(err)
+        detail = re.sub(r"\s*\[tensorstore_spec=.*\]\s*$", "", _first_line(err))   # a page of JSON otherwise
     gc.collect()  # finalise the failed read's abandoned coroutines now, where possible
     raise CorruptCheckpointError(f"{where} is corrupt: {what} cannot be read ({detail})") from None
 
@@ -461,3 +483,37 @@ def restore_model(path: str, step: int | None = None):
     model.eval()
     return model, {**_public(meta), "step": found}
 
+
+MASKS_PREFIX = "opt_state/masks"
+
+
+def restore_masks(path: str, step: int | None = None) -> tuple[Any, int]:
+    """``(masks, step)``: the masks of a masked fine-tuning run (`training.fit(..., masks=...)`, whose
+    optimizer state is `oba_jax.masked_optimizer`'s) stored under ``path``, as a bool pytree with the
+    structure of the model's ``nnx.Param`` state. Verified and with the fall-back of :func:`restore_model`."""
+    from flax import nnx
+    from models import build_model, spec_from_dict
+
+    def restore_one(step: int):
+        meta = _read_meta_step(manager, step)
+        if not meta.get("spec"):
+            raise ValueError(f"checkpoint {directory}/{step} stores no architecture spec")
+        abstract = nnx.eval_shape(lambda: build_model(spec_from_dict(meta["spec"]), rngs=nnx.Rngs(0)))
+        params = nnx_model.split(abstract)[1].params
+        names = set(flatten_named(params, MASKS_PREFIX))
+        stored = (meta.get(CHECKSUMS_KEY) or {}).get("train")
+        if stored is None:
+            raise ValueError(f"checkpoint {directory}/{step} was written before checkpoints listed their arrays; "
+                             "its masks cannot be located")
+        if not names <= set(stored):
+            raise ValueError(f"checkpoint {directory}/{step} holds no masks of this model: it is not of a masked "
+                             "fine-tuning run")
+        # the train item is restored whole (orbax restores a tree, not a part of one); its list is the checksums'
+        target = {k: jax.ShapeDtypeStruct(tuple(r["shape"]), np.dtype(r["dtype"])) for k, r in stored.items()}
+        train = _restore_items(manager, step, meta, {"train": target})["train"]
+        return params, {k: v for k, v in train.items() if k in names}
+
+    with _open_read_only(path, step) as (manager, directory, given):
+        found, (params, restored), corrupt = _with_fallback(manager, given, restore_one)
+        _warn_fallback(manager, found, corrupt)
+    return unflatten_named(params, MASKS_PREFIX, restored), found

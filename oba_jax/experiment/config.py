@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import ml_collections
 
 SCHEDULES = ("multistep", "cosine", "constant")
+PRUNE_MODES = ("oneshot", "iterative", "unstructured")
 
 # Sections whose keys are free-form: model.spec are keyword arguments of models.make_spec (validated
 # by building the spec), data.synthetic those of data.synthetic_dataset.
@@ -275,7 +276,7 @@ def _validate_prune(config: ml_collections.ConfigDict) -> None:
     from oba_jax.scores import BN_MODES, METHODS
     from oba_jax.structured import NORMALIZERS
     p = lambda key: _get(config, f"prune.{key}")   # noqa: E731
-    _check(p("mode") in ("oneshot", "iterative"), "prune.mode", f"must be 'oneshot' or 'iterative', got {p('mode')!r}")
+    _check(p("mode") in PRUNE_MODES, "prune.mode", f"must be one of {PRUNE_MODES}, got {p('mode')!r}")
     _check(p("importance") in METHODS, "prune.importance", f"unknown method {p('importance')!r}; choose one of {METHODS}")
     _check(p("bn_mode") in BN_MODES, "prune.bn_mode", f"must be one of {BN_MODES}, got {p('bn_mode')!r}")
     _check(p("normalizer") in NORMALIZERS, "prune.normalizer",
@@ -302,6 +303,29 @@ def _validate_prune(config: ml_collections.ConfigDict) -> None:
     pretrained = p("pretrained")
     _check(pretrained is None or isinstance(pretrained, str), "prune.pretrained", "must be None or a train.py workdir")
     _check(_is_int(p("seed")), "prune.seed", "must be an int")
+    _validate_unstructured(config)
+
+
+def _validate_unstructured(config: ml_collections.ConfigDict) -> None:
+    from oba_jax.scores import METHODS
+    p = lambda key: _get(config, f"prune.{key}")   # noqa: E731
+    keep = p("keep_ratio")
+    _check(_is_number(keep) and 0 < keep <= 1, "prune.keep_ratio", f"must be in (0, 1] (the kept fraction), got {keep!r}")
+    reported = p("report_keep_ratios")
+    _check(isinstance(reported, tuple) and all(_is_number(r) and 0 < r <= 1 for r in reported), "prune.report_keep_ratios",
+           f"must be a tuple of keep ratios in (0, 1], got {reported!r}")
+    steps = p("unstructured_steps")
+    _check(_is_int(steps) and steps > 0, "prune.unstructured_steps", f"must be a positive int, got {steps!r}")
+    n_m = p("n_m")
+    _check(n_m is None or (isinstance(n_m, tuple) and len(n_m) == 2 and all(_is_int(v) for v in n_m)
+                           and 0 < n_m[0] <= n_m[1]), "prune.n_m", f"must be None or (N, M) with 0 < N <= M, got {n_m!r}")
+    for key in ("exclude", "n_m_exclude"):
+        _check(isinstance(p(key), tuple) and all(isinstance(x, str) for x in p(key)), f"prune.{key}",
+               "must be a tuple of parameter paths or prefixes")
+    compare = p("compare")
+    _check(isinstance(compare, tuple) and all(m in METHODS for m in compare) and len(set(compare)) == len(compare)
+           and p("importance") not in compare, "prune.compare",
+           f"must be a tuple of distinct methods of {METHODS} other than prune.importance, got {compare!r}")
 
 
 def _validate_finetune(config: ml_collections.ConfigDict) -> None:
@@ -351,15 +375,23 @@ def default_sections() -> ml_collections.ConfigDict:
 
 
 def prune_section(**overrides: Any) -> ml_collections.ConfigDict:
-    """`prune.py`'s section (OBA_SPEC.md §4–5). `mode`: "oneshot" (every target from the dense model) or
-    "iterative" (decreasing targets, fine-tuning at each and continuing from the fine-tuned model);
-    `final_ratio`: the schedule's R (None: 1 − 0.9·target for one-shot, 0.955 for iterative)."""
+    """`prune.py`'s section (OBA_SPEC.md §4–6). `mode`: "oneshot" (every target from the dense model),
+    "iterative" (decreasing targets, fine-tuning at each and continuing from the fine-tuned model) or
+    "unstructured" (masks); `final_ratio`: the schedule's R (None: 1 − 0.9·target for one-shot, 0.955 for
+    iterative). Unstructured: `keep_ratio` (kept fraction of the layer weights and biases) reached in
+    `unstructured_steps` steps, accuracy at each of `report_keep_ratios`, `n_m` an extra one-shot N:M point
+    (`n_m_exclude`: layers it skips, e.g. a first conv of 1 or 3 channels), `exclude` layers never masked,
+    `compare` other methods run through the same schedule."""
     section = ml_collections.ConfigDict({
         "mode": "oneshot", "importance": "oba", "bn_mode": "train", "normalizer": "max",
         "ops_ratios": (0.5,), "steps": 50, "final_ratio": ml_collections.FieldReference(None, field_type=float),
         "score_batches": 10, "score_batch_size": 64, "global_pruning": True, "max_pruning_ratio": 0.95,
         "round_to": 1, "kinds": ("channels", "hidden"), "ignored_layers": (), "count_attention": True,
         "pretrained": ml_collections.FieldReference(None, field_type=str), "latency_repeats": 20, "seed": 0,
+        # mode="unstructured" (OBA_SPEC.md §6)
+        "keep_ratio": 0.1, "report_keep_ratios": (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1),
+        "unstructured_steps": 49, "n_m": ml_collections.FieldReference(None, field_type=tuple), "exclude": (),
+        "n_m_exclude": (), "compare": (),
     })
     section.update(overrides)
     return section

@@ -408,6 +408,11 @@ def load_dataset(name: str, data_dir: str | None = None, *, download: bool = Fal
         return synthetic_dataset(**synthetic_kwargs)
     if synthetic_kwargs:
         raise TypeError(f"unexpected arguments for {name}: {sorted(synthetic_kwargs)}")
+    if data_dir is not None and not download and not os.path.isdir(os.path.expanduser(data_dir)):
+        # a place the user names must exist; only the default search order falls back
+        raise DatasetNotFoundError(f"data_dir {data_dir!r} (config.data.data_dir / --data-dir) is not a directory; "
+                                   f"pass the directory that holds {name!r}, or leave data_dir unset to search the "
+                                   "default locations")
     if name == "imagenet2012":
         return _imagenet_not_in_memory(data_dir)
 

@@ -8,14 +8,13 @@
       └─ WORKDIR/report.json, widths.png, accuracy_vs_ops.png, a table on stdout
 
 `mode="oneshot"` restarts every target from the dense model; `mode="iterative"` takes the targets in
-decreasing order and continues from each fine-tuned model.
+decreasing order and continues from each fine-tuned model; `mode="unstructured"` runs
+`unstructured_pipeline` (masks instead of channels).
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import sys
 import time
 from typing import Any
 
@@ -26,9 +25,8 @@ import numpy as np
 from flax import nnx
 
 from oba_jax import nnx_model
-from oba_jax.experiment import checkpoint as ckpt_lib
 from oba_jax.experiment import config as config_lib
-from oba_jax.experiment import training
+from oba_jax.experiment import runs, training, unstructured_pipeline
 from oba_jax.scores import score_model
 from oba_jax.graph import GroupGraph
 from oba_jax.structured import group_scores, mask_model, model_group_graph, shrink_model
@@ -37,37 +35,7 @@ from oba_jax.structured.select import Selection, prune_to_ops
 
 __all__ = ["REPORT_FILE", "run_pruning", "result_table"]
 
-REPORT_FILE = "report.json"
-
-
-def _dense_model(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.Module, str]:
-    """The model to prune and where it came from: `prune.pretrained` or a training run in WORKDIR/dense."""
-    spec = config_lib.model_spec(config)
-    source = config.prune.pretrained
-    if source is None:
-        source = os.path.join(workdir, "dense")
-        training.train_and_evaluate(config, source)
-    model, meta = ckpt_lib.restore_model(source)
-    if model.spec != spec:
-        raise ckpt_lib.CheckpointMismatchError(
-            f"{source} holds a {meta.get('spec')} model, but the config describes {spec}: prune.pretrained must be a "
-            "train.py workdir of the configured model")
-    return model, source
-
-
-def _score_batches(dataset, config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
-    """A deterministic sample of normalised training batches, stacked: `(n, B, H, W, C)`, `(n, B)`."""
-    from oba_jax.experiment.data import preprocess_batch
-    p = config.prune
-    n = p.score_batches * p.score_batch_size
-    if n > len(dataset.train_labels):
-        raise config_lib.ConfigError(f"config.prune: score_batches × score_batch_size = {n} exceeds the "
-                                     f"{len(dataset.train_labels)} training examples")
-    order = np.random.default_rng(p.seed).permutation(len(dataset.train_labels))[:n]
-    x = preprocess_batch(jnp.asarray(dataset.train_images[order]), None, augment=False, mean=dataset.mean,
-                         std=dataset.std)
-    y = jnp.asarray(dataset.train_labels[order], jnp.int32)
-    return x.reshape(p.score_batches, p.score_batch_size, *x.shape[1:]), y.reshape(p.score_batches, -1)
+REPORT_FILE = runs.REPORT_FILE
 
 
 def _latency_batch(dataset, size: int) -> jax.Array:
@@ -101,11 +69,6 @@ def _latencies_ms(models: list[nnx.Module], x: jax.Array, repeats: int) -> list[
     return [1000 * statistics.median(t) for t in times]
 
 
-def _progress(total: int, desc: str):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
-
-
 def _graph(model: nnx.Module, config: ml_collections.ConfigDict, example: jax.Array) -> GroupGraph:
     p = config.prune
     return model_group_graph(model, example, ignore=tuple(p.ignored_layers), bn_mode=p.bn_mode)
@@ -128,7 +91,7 @@ def prune_once(model: nnx.Module, graph: GroupGraph, config: ml_collections.Conf
         raise config_lib.ConfigError(f"config.prune.ops_ratios: target {target} is not below the current model's "
                                      f"ops ratio {current / dense_macs:.3f}")
     final = p.final_ratio if p.final_ratio is not None else (1 - 0.9 * relative if p.mode == "oneshot" else 0.955)
-    bar = _progress(p.steps, f"prune to {target:g}")
+    bar = runs.progress(p.steps, f"prune to {target:g}")
 
     def score_fn(plan):
         masked = mask_model(model, graph.groups, plan)
@@ -158,13 +121,16 @@ def prune_once(model: nnx.Module, graph: GroupGraph, config: ml_collections.Conf
 
 
 def run_pruning(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """The whole experiment of a config (see the module docstring); returns the report it writes."""
+    """The whole experiment of a config (see the module docstring; `mode="unstructured"`: see
+    `unstructured_pipeline`); returns the report it writes."""
+    if config.prune.mode == "unstructured":
+        return unstructured_pipeline.run_unstructured(config, workdir)
     os.makedirs(workdir, exist_ok=True)
     dataset = training.load_dataset_for(config)
     training.check_dataset_matches(config_lib.model_spec(config), dataset)
-    dense, source = _dense_model(config, workdir)
+    dense, source = runs.dense_model(config, workdir)
     p = config.prune
-    batches = _score_batches(dataset, config)
+    batches = runs.score_batches(dataset, config)
     eval_bs = config.train.eval_batch_size
     example = batches[0][0][:1]
     dense_graph = _graph(dense, config, example)
@@ -196,7 +162,7 @@ def run_pruning(config: ml_collections.ConfigDict, workdir: str) -> dict:
         model, model_graph = tuned, graph   # fine-tuning changes values, not the structure
     report = {"mode": p.mode, "importance": p.importance, "bn_mode": p.bn_mode, "dense_checkpoint": os.path.abspath(source),
               "macs_per_image": True, "count_attention": p.count_attention, "targets": results}
-    _write_json(os.path.join(workdir, REPORT_FILE), report)
+    runs.write_json(os.path.join(workdir, REPORT_FILE), report)
     if config.get("plot", {}).get("enabled", True):
         plot_report(report, workdir)
     return report
@@ -208,14 +174,6 @@ def _spec_dict(model: nnx.Module) -> Any:
         return None
     from models import spec_to_dict
     return spec_to_dict(spec)
-
-
-def _write_json(path: str, data: Any) -> None:
-    """Written to a temporary file and renamed: a report on disk is always complete."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, default=float)
-    os.replace(tmp, path)
 
 
 def plot_report(report: dict, workdir: str) -> list[str]:
@@ -259,7 +217,10 @@ def plot_report(report: dict, workdir: str) -> list[str]:
 
 
 def result_table(report: dict) -> str:
-    """Dense vs pruned, one block per target: accuracy, MACs, parameters, latency."""
+    """Dense vs pruned, one block per target: accuracy, MACs, parameters, latency (unstructured: accuracy
+    per method and keep ratio)."""
+    if report["mode"] == "unstructured":
+        return unstructured_pipeline.unstructured_table(report)
     lines = []
     for t in report["targets"]:
         rows = [("", "dense", "pruned"),

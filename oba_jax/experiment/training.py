@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from typing import Any, Callable, Mapping
 
@@ -37,7 +38,9 @@ from oba_jax import nnx_model
 from oba_jax.losses import cross_entropy
 from oba_jax.experiment import checkpoint as ckpt_lib
 from oba_jax.experiment import config as config_lib
+from oba_jax.experiment.lock import workdir_lock
 from oba_jax.sharding import batch_sharded, data_mesh, put_replicated, replicated
+from oba_jax.unstructured import apply_masks, masked_optimizer
 
 Metrics = dict[str, float]
 METRICS_FILE = "metrics.jsonl"
@@ -126,11 +129,13 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     """1.0 per example whose label is among the ``k`` largest logits (k capped at num_classes).
 
     Counts classes scoring strictly higher than the label's logit, so ties favour the label
-    (the same as torch.topk on distinct logits).
+    (the same as torch.topk on distinct logits). An example with any non-finite logit is wrong.
     """
     label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
     higher = jnp.sum(logits > label_logit, axis=-1)
-    return (higher < min(k, logits.shape[-1])).astype(jnp.float32)
+    # every comparison with NaN is false: without this, NaN logits would count as correct
+    finite = jnp.all(jnp.isfinite(logits), axis=-1)
+    return ((higher < min(k, logits.shape[-1])) & finite).astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -254,8 +259,10 @@ def total_steps_of(config: ml_collections.ConfigDict, steps_per_epoch: int) -> i
     return total
 
 
-def make_trainer(config: ml_collections.ConfigDict, parts: ModelParts, dataset, mesh: Mesh | None = None) -> Trainer:
-    """Compiles the step functions and puts the training set on device."""
+def make_trainer(config: ml_collections.ConfigDict, parts: ModelParts, dataset, mesh: Mesh | None = None, *,
+                 masks: Any = None) -> Trainer:
+    """Compiles the step functions and puts the training set on device. With `masks` (a bool pytree like
+    the params, True = kept) the optimizer is `masked_optimizer(tx, masks)`: pruned weights stay zero."""
     mesh = data_mesh() if mesh is None else mesh
     spe = steps_per_epoch_of(len(dataset.train_labels), config.train.batch_size)
     total = total_steps_of(config, spe)
@@ -263,6 +270,8 @@ def make_trainer(config: ml_collections.ConfigDict, parts: ModelParts, dataset, 
     # truncated run follows the same lr curve as the first max_steps of the full run.
     schedule = learning_rate_schedule(config.optim, spe, int(round(config.train.epochs * spe)))
     tx = make_optimizer(config.optim, schedule)
+    if masks is not None:
+        tx = masked_optimizer(tx, masks)
     common = dict(mean=dataset.mean, std=dataset.std, mesh=mesh)
     train_step = make_train_step(parts, tx, label_smoothing=config.optim.label_smoothing,
                                  augment=config.data.augment, **common)
@@ -313,6 +322,22 @@ def evaluate_model(model: nnx.Module, dataset, batch_size: int, mesh: Mesh | Non
     params, batch_stats = put_replicated(jax.device_get((params, batch_stats)), mesh)
     return _evaluate(step, mesh, params, batch_stats, np.asarray(dataset.test_images),
                      np.asarray(dataset.test_labels, np.int32), batch_size)
+
+
+def model_evaluator(model: nnx.Module, dataset, batch_size: int,
+                    mesh: Mesh | None = None) -> Callable[[Any], Metrics]:
+    """`evaluate(params) -> metrics` of `model` with other values of its `nnx.Param` state (e.g. masked
+    ones) on `dataset`'s test split: one compiled eval step for every call."""
+    mesh = data_mesh() if mesh is None else mesh
+    parts, _, batch_stats = split_model(model)
+    step = make_eval_step(parts, mean=dataset.mean, std=dataset.std, mesh=mesh)
+    batch_stats = put_replicated(jax.device_get(batch_stats), mesh)
+    images, labels = np.asarray(dataset.test_images), np.asarray(dataset.test_labels, np.int32)
+
+    def evaluate_params(params: Any) -> Metrics:
+        return _evaluate(step, mesh, put_replicated(jax.device_get(params), mesh), batch_stats, images, labels,
+                         batch_size)
+    return evaluate_params
 
 
 def _evaluate(eval_step: Callable, mesh: Mesh, params: Any, batch_stats: Any, images: np.ndarray,
@@ -397,55 +422,137 @@ def plot_curves(workdir: str, filename: str = "curves.png") -> str | None:
     return path
 
 
-def _progress_bar(total_images: int, initial_images: int, enabled: bool):
-    from tqdm.auto import tqdm
-    return tqdm(total=total_images, initial=initial_images, unit="img", unit_scale=True, smoothing=0.1,
-                dynamic_ncols=True, disable=not enabled or jax.process_index() != 0, desc="train")
+def _progress_bar(total_images: int, initial_images: int, enabled: bool, epochs: float):
+    from oba_jax.experiment.progress import progress_bar
+    return progress_bar(total_images, "train", "img", initial=initial_images, unit_scale=True, enabled=enabled,
+                        lines=max(1, min(int(round(epochs)), 50)) if epochs >= 1 else 10)
 
 
 # ----------------------------------------------------------------------------- loops
 
 
 def fit(model: nnx.Module, dataset, config: ml_collections.ConfigDict, workdir: str | None, *,
-        spec=None, mesh: Mesh | None = None) -> tuple[nnx.Module, Metrics]:
+        spec=None, mesh: Mesh | None = None, masks: Any = None) -> tuple[nnx.Module, Metrics]:
     """Trains ``model`` on ``dataset`` per ``config``; returns the trained model and final metrics.
 
     With a ``workdir``: logs to ``metrics.jsonl``, checkpoints every ``train.checkpoint_every_steps``
     and at the end, resumes from the latest checkpoint there, and plots the curves. ``spec`` (the
     model's architecture spec; default ``model.spec``) is stored in the checkpoint so
     :func:`oba_jax.checkpoint.restore_model` can rebuild the model alone. ``model`` is not modified.
+    ``masks`` (bool pytree like the ``nnx.Param`` state): masked training — the pruned weights start and
+    stay exactly zero, and the masks are part of the optimizer state, so checkpoints hold them.
     """
+    if workdir is None:
+        return _fit(model, dataset, config, None, spec=spec, mesh=mesh, masks=masks)
+    with workdir_lock(workdir):
+        return _fit(model, dataset, config, workdir, spec=spec, mesh=mesh, masks=masks)
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The training loss became NaN or infinite; the checkpoints written before stay as they were."""
+
+
+def _check_finite(loss: Any, step: int, last_saved: int | None) -> None:
+    value = float(jax.device_get(loss))
+    if not np.isfinite(value):
+        kept = (f"the last checkpoint (step {last_saved}) is kept" if last_saved is not None
+                else "no checkpoint was written")
+        raise TrainingDivergedError(
+            f"the training loss of step {step} is {value}: training stopped there and {kept}. Lower the learning "
+            "rate (optim.lr / finetune.lr) or check the data for NaN/inf")
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
+def _check_state_finite(state: "TrainState", step: int, last_saved: int | None) -> None:
+    """A finite loss does not make the update that followed it finite: the parameters are checked too."""
+    if not bool(jax.device_get(_all_finite(state.params))):
+        kept = (f"the last checkpoint (step {last_saved}) is kept" if last_saved is not None
+                else "no checkpoint was written")
+        raise TrainingDivergedError(
+            f"the parameters after step {step} are not finite (NaN or inf): training stopped there and {kept}. "
+            "Lower the learning rate (optim.lr / finetune.lr) or check the data for NaN/inf")
+
+
+def _warn_changed(meta: Mapping[str, Any], config: ml_collections.ConfigDict, step: int) -> None:
+    """A resume under another batch size or learning rate is allowed, but never silently."""
+    stored = meta.get("config") or {}
+    for section, key in (("train", "batch_size"), ("optim", "lr")):
+        before = (stored.get(section) or {}).get(key)
+        now = config[section][key]
+        if before is not None and before != now and jax.process_index() == 0:
+            print(f"warning: resuming from step {step} with {section}.{key}={now}, but the checkpoint was written "
+                  f"with {section}.{key}={before}", file=sys.stderr)
+
+
+def _fit(model: nnx.Module, dataset, config: ml_collections.ConfigDict, workdir: str | None, *,
+         spec, mesh: Mesh | None, masks: Any) -> tuple[nnx.Module, Metrics]:
     t_start = time.time()
     parts, params, batch_stats = split_model(model)
-    trainer = make_trainer(config, parts, dataset, mesh)
+    if masks is not None:
+        params = apply_masks(params, masks)
+    trainer = make_trainer(config, parts, dataset, mesh, masks=masks)
     state = create_state(trainer, params, batch_stats)
     spec = getattr(model, "spec", None) if spec is None else spec
-    cfg = config.train
 
-    manager, log, elapsed_before = None, None, 0.0
+    manager, log, elapsed_before, last_saved = None, None, 0.0, None
     if workdir is not None:
         os.makedirs(workdir, exist_ok=True)
         log = MetricsLog(workdir)
         manager = ckpt_lib.make_manager(workdir)
-        restored = ckpt_lib.restore_state(manager, state, spec=spec)
-        if restored is not None:
-            state, meta = restored
-            elapsed_before = float(meta.get("wall_time", 0.0))
-    start = int(jax.device_get(state.step))
-    wall = lambda: elapsed_before + time.time() - t_start  # noqa: E731  (wall time summed over resumes)
-
-    def save(state: TrainState, step: int) -> None:
+    try:
         if manager is not None:
+            restored = ckpt_lib.restore_state(manager, state, spec=spec, set_aside_corrupt=True)
+            if restored is not None:
+                state, meta = restored
+                elapsed_before = float(meta.get("wall_time", 0.0))
+                last_saved = int(jax.device_get(state.step))
+                _warn_changed(meta, config, last_saved)
+        start = int(jax.device_get(state.step))
+        end = max(start, trainer.total_steps)
+        if start > trainer.total_steps and jax.process_index() == 0:
+            print(f"warning: the checkpoint in {workdir} is at step {start}, already past the {trainer.total_steps} "
+                  f"steps this config trains (train.max_steps / epochs): nothing to train; reporting the step-{start} "
+                  "model", file=sys.stderr)
+        return _run(trainer, state, start, end, parts, config, workdir=workdir, manager=manager, log=log, spec=spec,
+                    elapsed_before=elapsed_before, last_saved=last_saved, t_start=t_start)
+    finally:
+        if manager is not None:
+            manager.close()
+
+
+def _run(trainer: Trainer, state: TrainState, start: int, end: int, parts: ModelParts, config: ml_collections.ConfigDict,
+         *, workdir: str | None, manager, log: MetricsLog | None, spec, elapsed_before: float, last_saved: int | None,
+         t_start: float) -> tuple[nnx.Module, Metrics]:
+    """The training loop of `fit` from `start` to `trainer.total_steps`, then the evaluation and the final
+    checkpoint at `end` (the step the model is at: `start` when the checkpoint is already past the run)."""
+    cfg = config.train
+    wall = lambda: elapsed_before + time.time() - t_start  # noqa: E731  (wall time summed over resumes)
+    saved = [last_saved]
+
+    def save(state: TrainState, step: int, loss: Any) -> None:
+        if manager is not None:
+            if loss is not None:
+                _check_finite(loss, step, saved[0])   # never checkpoint a diverged state
+            _check_state_finite(state, step, saved[0])
             epoch, in_epoch = divmod(step, trainer.steps_per_epoch)
             ckpt_lib.save_state(manager, step, state, spec=spec, config=config,
                                 data_position={"epoch": epoch, "step_in_epoch": in_epoch},
                                 extra={"wall_time": wall()})
+            saved[0] = step
 
     bar = _progress_bar(trainer.total_steps * cfg.batch_size, start * cfg.batch_size,
-                        bool(config.train.get("progress_bar", True)))
+                        bool(config.train.get("progress_bar", True)), trainer.total_steps / trainer.steps_per_epoch)
     window: list[Mapping[str, jax.Array]] = []
+    previous: list = [None]   # (step, loss) of the step before: checked one step late, so the device keeps a step queued
 
     def on_step(step: int, state: TrainState, metrics) -> None:
+        if previous[0] is not None:
+            _check_finite(previous[0][1], previous[0][0], saved[0])
+        previous[0] = (step, metrics["loss"])
         bar.update(cfg.batch_size)
         window.append(metrics)
         # Reading metrics forces a device sync, so it happens only every log_every_steps.
@@ -462,7 +569,7 @@ def fit(model: nnx.Module, dataset, config: ml_collections.ConfigDict, workdir: 
         if step % trainer.steps_per_epoch == 0 and step != trainer.total_steps:
             record_eval(step, state)
         if step % cfg.checkpoint_every_steps == 0 and step != trainer.total_steps:
-            save(state, step)
+            save(state, step, metrics["loss"])
 
     def record_eval(step: int, state: TrainState) -> Metrics:
         metrics = evaluate(trainer, state.params, state.batch_stats)
@@ -473,20 +580,20 @@ def fit(model: nnx.Module, dataset, config: ml_collections.ConfigDict, workdir: 
 
     try:
         state = train_steps(trainer, state, start, trainer.total_steps, on_step)
+        if previous[0] is not None:
+            _check_finite(previous[0][1], previous[0][0], saved[0])
     finally:
         bar.close()
-    final = record_eval(trainer.total_steps, state)
+    final = record_eval(end, state)
     if manager is not None:
-        if manager.latest_step() != trainer.total_steps:
-            save(state, trainer.total_steps)
+        if manager.latest_step() != end:
+            save(state, end, None)
         manager.wait_until_finished()
-        manager.close()
     if workdir is not None and config.get("plot", {}).get("enabled", True) and jax.process_index() == 0:
         plot_curves(workdir, config.plot.get("filename", "curves.png"))
     params, batch_stats = jax.device_get((state.params, state.batch_stats))
     trained = merge_model(parts, params, batch_stats)
-    final = {**final, "steps": trainer.total_steps, "epochs": trainer.total_steps / trainer.steps_per_epoch,
-             "wall_time": wall()}
+    final = {**final, "steps": end, "epochs": end / trainer.steps_per_epoch, "wall_time": wall()}
     return trained, final
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -9,9 +10,9 @@ from flax import nnx
 
 from oba_jax.graph import Connectivity, connectivity
 from oba_jax.nnx_model import ModelState, merge, split
-from oba_jax.scores.scoring import ScoreResult, score
+from oba_jax.scores.scoring import ScoreResult, score, scorer
 
-__all__ = ["BN_MODES", "model_apply", "model_connectivity", "score_model"]
+__all__ = ["BN_MODES", "model_apply", "model_connectivity", "model_scorer", "score_model"]
 
 BN_MODES = ("train", "eval")
 
@@ -62,7 +63,24 @@ def score_model(model: nnx.Module, batches: Any, method: str = "oba", *, bn_mode
     statistics. Scoring never changes the model's BatchNorm running statistics.
     """
     apply_fn, state = model_apply(model, bn_mode)
-    result = score(apply_fn, state, batches, method, **kwargs)
+    return _of_params(score(apply_fn, state, batches, method, **kwargs))
+
+
+def _of_params(result: ScoreResult) -> ScoreResult:
+    """A result over the whole `ModelState` as one over its `nnx.Param` leaves."""
     parts = None if result.parts is None else {k: v.params for k, v in result.parts.items()}
     return ScoreResult(sum=result.sum.params, count=result.count, method=result.method,
                        parts=parts, graph=result.graph.relative_to("params") if result.graph else None)
+
+
+def model_scorer(model: nnx.Module, example_inputs: Any, method: str = "oba", *, bn_mode: str = "train",
+                 **kwargs: Any) -> Callable[[Any, Any], ScoreResult]:
+    """`fn(params, batches) -> ScoreResult` scoring `model` with other values of its `nnx.Param` state
+    (e.g. masked ones) through one `Scorer`: every call with params of the same shapes runs the same
+    compiled programs. BatchNorm statistics and other state are the model's."""
+    apply_fn, state = model_apply(model, bn_mode)
+    compiled = scorer(apply_fn, state, example_inputs, method, **kwargs)
+
+    def score_params(params: Any, batches: Any = None) -> ScoreResult:
+        return _of_params(compiled(state._replace(params=params), batches))
+    return score_params

@@ -305,11 +305,19 @@ class Scorer:
     def _iterated(self, leaves: list[Any], batches: Iterable[tuple[Any, Any]]):
         if batches is None:
             raise ValueError(f"method {self.method.name!r} needs data: pass batches of (inputs, labels)")
-        acc, count, programs = None, 0, None
+        acc, count, programs, first = None, 0, None, None
         for i, batch in enumerate(batches):
             _check_pair(batch, i)
             x, y = batch
-            programs = self._programs_for(_abstract(x))
+            shapes = [tuple(np.shape(a)) for a in jax.tree_util.tree_leaves(x)]
+            try:
+                programs = self._programs_for(_abstract(x))
+            except (TypeError, ValueError) as e:
+                if first is None:
+                    raise
+                raise ValueError(f"batch {i}: inputs of shape {shapes} do not go through the model (batch 0 had "
+                                 f"{first}): {type(e).__name__}: {str(e).splitlines()[0]}") from None
+            first = shapes if first is None else first
             _check_output(programs.program.out_shape, tuple(np.shape(y)), f"batch {i}")
             _check_labels(y, programs.program.out_shape[-1], f"batch {i}")
             xf = jax.tree_util.tree_leaves(x)

@@ -1,0 +1,76 @@
+"""One run per workdir: an exclusive lock on `WORKDIR/.lock`, held for the run's lifetime.
+
+The lock is an advisory `flock` on the file, so the kernel releases it when the holder dies, however it
+dies (SIGKILL included): a lock file left by a dead run is simply taken over. The file records who holds
+it (pid, host, start time, command), so a refused run can name the holder. Locks are re-entrant within a
+process (`prune.py` locks its workdir and fine-tunes into it).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+from collections.abc import Iterator
+
+__all__ = ["LOCK_FILE", "WorkdirLockedError", "workdir_lock"]
+
+LOCK_FILE = ".lock"
+_HELD: dict[str, list] = {}   # realpath of a lock file -> [open file, depth]
+
+
+class WorkdirLockedError(RuntimeError):
+    """Another live process holds the workdir."""
+
+
+def _holder(path: str) -> str:
+    try:
+        with open(path) as f:
+            info = json.load(f)
+        return (f"pid {info.get('pid')} on {info.get('host')}, started {info.get('start')} "
+                f"({info.get('command', '?')})")
+    except (OSError, ValueError):
+        return "a process that has not written its details yet"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[str]:
+    """Holds `workdir/.lock` (creating the workdir) for the duration; `WorkdirLockedError` naming the
+    holder if another process has it. Yields the lock file's path."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise NotADirectoryError(errno.ENOTDIR, "--workdir names an existing file, not a directory", workdir)
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.realpath(os.path.join(workdir, LOCK_FILE))
+    if path in _HELD:
+        _HELD[path][1] += 1
+        try:
+            yield path
+        finally:
+            _HELD[path][1] -= 1
+        return
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise WorkdirLockedError(
+            f"{os.path.abspath(workdir)} is in use by another run: {_holder(path)}. Wait for it to finish, or use "
+            "another --workdir") from None
+    except OSError as e:   # a filesystem without flock: run unlocked rather than not at all
+        print(f"warning: cannot lock {path} ({e}); not protected against a second run", file=sys.stderr)
+    f.seek(0)
+    f.truncate()
+    json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+               "start": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+               "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])[:500]}, f)
+    f.flush()
+    _HELD[path] = [f, 1]
+    try:
+        yield path
+    finally:
+        del _HELD[path]
+        f.close()   # closing releases the flock; the file stays (a later run takes it over)

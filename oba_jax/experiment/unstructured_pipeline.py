@@ -1,0 +1,189 @@
+"""Unstructured prune-and-finetune from a config (`prune.py … --config.prune.mode=unstructured`).
+
+    dense model (prune.pretrained, or trained into WORKDIR/dense, resumable)
+      └─ per method (prune.importance, then prune.compare): the progressive schedule (OBA_SPEC.md §6) down
+         to prune.keep_ratio, one compiled scorer for all steps; test accuracy at every report ratio
+         (0.9, 0.8, …) it passes; with prune.n_m also the one-shot N:M masks from the dense model's scores
+         └─ masked fine-tuning (finetune.epochs; 0: none) into WORKDIR/unstructured_<method>: a checkpoint
+            whose optimizer state holds the masks (restore them with `checkpoint.restore_masks`)
+      └─ WORKDIR/report.json, accuracy_vs_keep.png, layer_sparsity.png, a table on stdout
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from oba_jax.experiment import config as config_lib
+from oba_jax.experiment import runs, training
+from oba_jax.paths import flat_by_path, matches
+from oba_jax.scores import get_method, model_connectivity, model_scorer
+from oba_jax.unstructured import (apply_masks, mask_sparsity, n_m_masks, progressive_masks, scored_leaves,
+                                  unstructured_masks)
+
+__all__ = ["plot_unstructured_report", "run_unstructured", "unstructured_table"]
+
+
+def _sparsity_record(masks: Any, leaves: tuple[str, ...]) -> dict:
+    summary = mask_sparsity(masks, leaves)
+    return {"keep_ratio": summary["global"]["keep_ratio"], "sparsity": summary["global"]["sparsity"],
+            "size": summary["global"]["size"], "kept": summary["global"]["kept"],
+            "layers": {p: v["sparsity"] for p, v in summary["layers"].items()}}
+
+
+def _run_method(method: str, dense, params, graph, batches, evaluate, dataset, config, workdir: str) -> dict:
+    p = config.prune
+    example = batches[0][0][:1]
+    score = model_scorer(dense, example, method, bn_mode=p.bn_mode)
+    data = batches if get_method(method).needs_data else None
+    first: list = []
+
+    def score_fn(masked):
+        result = score(masked, data)
+        if not first:
+            first.append(result)   # the dense model's scores: the one-shot N:M masks use them
+        return result
+
+    leaves = scored_leaves(graph, tuple(p.exclude))
+    bar = runs.progress(p.unstructured_steps, f"{method} to keep {p.keep_ratio:g}")
+    start = time.perf_counter()
+    try:
+        schedule = progressive_masks(score_fn, params, p.keep_ratio, graph=graph, steps=p.unstructured_steps,
+                                     exclude=tuple(p.exclude), report_ratios=tuple(p.report_keep_ratios),
+                                     on_step=lambda record: (bar.update(1), bar.set_postfix(keep=f"{record['keep_ratio']:.3f}")))
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    points = [{"target_keep_ratio": r, **_sparsity_record(m, leaves), "acc": evaluate(apply_masks(params, m))["top1"]}
+              for r, m in sorted(schedule.reported.items(), reverse=True)]
+    out: dict[str, Any] = {"points": points, "history": schedule.history, "schedule_seconds": seconds}
+    if p.n_m is not None:
+        exclude = tuple(p.exclude) + tuple(p.n_m_exclude)
+        try:
+            nm = unstructured_masks(first[0], params, keep_ratio=None, n_m=tuple(p.n_m), exclude=exclude, graph=graph)
+        except ValueError as e:
+            raise config_lib.ConfigError(f"config.prune.n_m: {e}") from None
+        out["n_m"] = {"pattern": f"{p.n_m[0]}:{p.n_m[1]}", **_sparsity_record(nm, leaves),
+                      "acc": evaluate(apply_masks(params, nm))["top1"]}
+    parts, _, batch_stats = training.split_model(dense)
+    masked = training.merge_model(parts, apply_masks(params, schedule.masks), batch_stats)
+    run_dir = os.path.join(workdir, f"unstructured_{method}")
+    tuned, final = training.fit(masked, dataset, config_lib.finetune_config(config), run_dir, masks=schedule.masks)
+    out["final"] = {**_sparsity_record(schedule.masks, leaves), "acc_pruned": points[-1]["acc"],
+                    "acc_finetuned": final["top1"] if config.finetune.epochs > 0 else None,
+                    "finetune_steps": final["steps"], "checkpoint": os.path.abspath(run_dir)}
+    return out
+
+
+def run_unstructured(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """The whole experiment of a config in unstructured mode (see the module docstring); returns the report."""
+    os.makedirs(workdir, exist_ok=True)
+    dataset = training.load_dataset_for(config)
+    training.check_dataset_matches(config_lib.model_spec(config), dataset)
+    dense, source = runs.dense_model(config, workdir)
+    p = config.prune
+    batches = runs.score_batches(dataset, config)
+    graph = model_connectivity(dense, batches[0][0][:1], bn_mode=p.bn_mode)
+    params = jax.device_get(training.split_model(dense)[1])
+    for key in ("exclude", "n_m_exclude"):
+        unknown = [e for e in p[key] if not any(matches(path, (e,)) for path in graph.leaf_paths)]
+        if unknown:
+            raise config_lib.ConfigError(f"config.prune.{key}: {unknown} match no parameter of the model "
+                                         f"(parameters: {list(graph.leaf_paths)})")
+    if not scored_leaves(graph, tuple(p.exclude)):
+        raise config_lib.ConfigError("config.prune.exclude: excludes every layer weight and bias")
+    if p.n_m is not None:   # before any schedule runs: does the pattern fit every layer it covers?
+        try:
+            n_m_masks({path: jax.numpy.zeros(np.shape(leaf)) for path, leaf in flat_by_path(params).items()
+                       if path in scored_leaves(graph, tuple(p.exclude) + tuple(p.n_m_exclude))}, graph, tuple(p.n_m))
+        except ValueError as e:
+            raise config_lib.ConfigError(f"config.prune.n_m: {e} (or add it to config.prune.n_m_exclude)") from None
+    evaluate = training.model_evaluator(dense, dataset, config.train.eval_batch_size)
+    acc_dense = evaluate(params)["top1"]
+    methods = (p.importance, *p.compare)
+    results = {m: _run_method(m, dense, params, graph, batches, evaluate, dataset, config, workdir) for m in methods}
+    report = {"mode": "unstructured", "importance": p.importance, "methods": list(methods), "keep_ratio": p.keep_ratio,
+              "steps": p.unstructured_steps, "score_batches": p.score_batches, "score_batch_size": p.score_batch_size,
+              "bn_mode": p.bn_mode, "exclude": list(p.exclude), "dense_checkpoint": os.path.abspath(source),
+              "acc_dense": acc_dense, "scored_leaves": list(scored_leaves(graph, tuple(p.exclude))), "results": results}
+    runs.write_json(os.path.join(workdir, runs.REPORT_FILE), report)
+    if config.get("plot", {}).get("enabled", True):
+        plot_unstructured_report(report, workdir)
+    return report
+
+
+def plot_unstructured_report(report: dict, workdir: str) -> list[str]:
+    """`accuracy_vs_keep.png` (one curve per method, N:M and fine-tuned points) and `layer_sparsity.png`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (method, r) in enumerate(report["results"].items()):
+        color = f"C{i}"
+        keep = [1.0] + [pt["keep_ratio"] for pt in r["points"]]
+        acc = [100 * report["acc_dense"]] + [100 * pt["acc"] for pt in r["points"]]
+        ax.plot(keep, acc, "o-", color=color, label=f"{method} (no fine-tuning)")
+        if r["final"]["acc_finetuned"] is not None:
+            ax.plot([r["final"]["keep_ratio"]], [100 * r["final"]["acc_finetuned"]], "D", color=color, mfc="none",
+                    ms=9, label=f"{method}, fine-tuned")
+        if "n_m" in r:
+            ax.plot([r["n_m"]["keep_ratio"]], [100 * r["n_m"]["acc"]], "*", color=color, ms=13,
+                    label=f"{method}, {r['n_m']['pattern']} one-shot")
+    ax.set_xlabel("keep ratio (kept fraction of layer weights and biases)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(os.path.join(workdir, "accuracy_vs_keep.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    leaves = report["scored_leaves"]
+    methods = list(report["results"])
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(leaves) + 2), 3.8))
+    width = 0.8 / len(methods)
+    pos = np.arange(len(leaves))
+    for i, method in enumerate(methods):
+        layers = report["results"][method]["final"]["layers"]
+        ax.bar(pos + i * width, [100 * layers[leaf] for leaf in leaves], width, label=method, color=f"C{i}")
+    ax.set_xticks(pos + 0.4 - width / 2, leaves, rotation=70, fontsize=7)
+    ax.set_ylabel("sparsity (%)")
+    ax.set_title(f"per-layer sparsity at keep ratio {report['keep_ratio']:g}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(os.path.join(workdir, "layer_sparsity.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def unstructured_table(report: dict) -> str:
+    """Test top-1 per method at every report ratio, the N:M point and the fine-tuned final masks."""
+    methods = list(report["results"])
+    ratios = [pt["target_keep_ratio"] for pt in report["results"][methods[0]]["points"]]
+    header = ["keep ratio"] + methods
+    rows = [["1 (dense)"] + [f"{100 * report['acc_dense']:.2f}%"] * len(methods)]
+    for k, r in enumerate(ratios):
+        rows.append([f"{r:g}"] + [f"{100 * report['results'][m]['points'][k]['acc']:.2f}%" for m in methods])
+    finals = [report["results"][m]["final"] for m in methods]
+    if any(f["acc_finetuned"] is not None for f in finals):
+        rows.append([f"{report['keep_ratio']:g} fine-tuned"] +
+                    [f"{100 * f['acc_finetuned']:.2f}%" if f["acc_finetuned"] is not None else "-" for f in finals])
+    nm = [report["results"][m].get("n_m") for m in methods]
+    if any(nm):
+        pattern = next(x["pattern"] for x in nm if x)
+        rows.append([f"{pattern} one-shot"] + [f"{100 * x['acc']:.2f}% (keep {x['keep_ratio']:.3f})" if x else "-"
+                                               for x in nm])
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    rule = "-" * (sum(widths) + 3 * (len(widths) - 1))
+    lines = [f"unstructured pruning to keep ratio {report['keep_ratio']:g}, {report['steps']} steps "
+             f"(test top-1 before fine-tuning)", rule, " | ".join(h.ljust(w) for h, w in zip(header, widths)), rule]
+    lines += [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows] + [rule]
+    return "\n".join(lines)
