@@ -7,6 +7,17 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 REFERENCE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
 
+# The CLI tests start ~30 Python processes that compile the same small programs again and again; a
+# persistent compilation cache shared by those subprocesses halves each one (10.6 s -> 4.6 s for a tiny
+# train.py run). jax is imported first, so that this process (and the tests that count compilations in it)
+# keeps its own behaviour: JAX reads these variables when it is imported.
+import jax  # noqa: E402
+
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache",
+                                   "jax_compilation_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
 
 @pytest.fixture
 def x64():

@@ -99,8 +99,8 @@ def prune_once(model: nnx.Module, graph: GroupGraph, config: ml_collections.Conf
         return group_scores(result, chosen, p.normalizer)
 
     def on_step(record):
-        bar.update(1)
         bar.set_postfix(ops=f"{record['ops_ratio'] * current / dense_macs:.3f}")
+        bar.update(1)
 
     try:
         plan, history = prune_to_ops(graph, score_fn, relative, final_ratio=final, steps=p.steps, selection=selection,
@@ -125,12 +125,9 @@ def run_pruning(config: ml_collections.ConfigDict, workdir: str) -> dict:
     `unstructured_pipeline`); returns the report it writes."""
     if config.prune.mode == "unstructured":
         return unstructured_pipeline.run_unstructured(config, workdir)
-    os.makedirs(workdir, exist_ok=True)
-    dataset = training.load_dataset_for(config)
-    training.check_dataset_matches(config_lib.model_spec(config), dataset)
-    dense, source = runs.dense_model(config, workdir)
+    begin = runs.start(config, workdir)
+    dataset, dense, source, batches = begin.dataset, begin.dense, begin.source, begin.batches
     p = config.prune
-    batches = runs.score_batches(dataset, config)
     eval_bs = config.train.eval_batch_size
     example = batches[0][0][:1]
     dense_graph = _graph(dense, config, example)
@@ -195,10 +192,7 @@ def plot_report(report: dict, workdir: str) -> list[str]:
         ax.set_ylabel("channels")
         ax.set_title(f"ops ratio {t['ops_ratio']:.3f} (target {t['target_ops_ratio']:g})", fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(os.path.join(workdir, "widths.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(runs.save_figure(fig, workdir, "widths.png"))
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ops = [1.0] + [t["ops_ratio"] for t in targets]
@@ -209,10 +203,7 @@ def plot_report(report: dict, workdir: str) -> list[str]:
     ax.invert_xaxis()
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    paths.append(os.path.join(workdir, "accuracy_vs_ops.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(runs.save_figure(fig, workdir, "accuracy_vs_ops.png"))
     return paths
 
 
@@ -230,8 +221,6 @@ def result_table(report: dict) -> str:
                 ("parameters", f"{t['params_dense']:,}", f"{t['params_pruned']:,} ({t['params_ratio']:.3f}×)"),
                 (f"latency (batch {t['latency_batch']})", f"{t['latency_dense_ms']:.2f} ms",
                  f"{t['latency_pruned_ms']:.2f} ms ({t['latency_pruned_ms'] / t['latency_dense_ms']:.3f}×)")]
-        widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        rule = "-" * (sum(widths) + 6)
-        lines += [f"target ops ratio {t['target_ops_ratio']:g} ({report['importance']}, {report['mode']})", rule]
-        lines += [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows] + [rule]
+        lines += runs.text_table([list(r) for r in rows],
+                                 f"target ops ratio {t['target_ops_ratio']:g} ({report['importance']}, {report['mode']})")
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """What every prune pipeline of `prune.py` shares: the dense model, the scoring sample, progress, reports."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -15,7 +16,7 @@ from oba_jax.experiment import checkpoint as ckpt_lib
 from oba_jax.experiment import config as config_lib
 from oba_jax.experiment import training
 
-__all__ = ["REPORT_FILE", "dense_model", "progress", "score_batches", "write_json"]
+__all__ = ["REPORT_FILE", "Start", "dense_model", "progress", "save_figure", "score_batches", "start", "text_table", "write_json"]
 
 REPORT_FILE = "report.json"
 
@@ -33,6 +34,25 @@ def dense_model(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.Mo
             f"{source} holds a {meta.get('spec')} model, but the config describes {spec}: prune.pretrained must be a "
             "train.py workdir of the configured model")
     return model, source
+
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """What a prune pipeline starts from."""
+
+    dataset: Any
+    dense: nnx.Module
+    source: str                              # where the dense model came from
+    batches: tuple[jax.Array, jax.Array]     # the scoring sample, stacked
+
+
+def start(config: ml_collections.ConfigDict, workdir: str) -> Start:
+    """The dataset (checked against the model), the dense model and the scoring sample of a config."""
+    os.makedirs(workdir, exist_ok=True)
+    dataset = training.load_dataset_for(config)
+    training.check_dataset_matches(config_lib.model_spec(config), dataset)
+    dense, source = dense_model(config, workdir)
+    return Start(dataset, dense, source, score_batches(dataset, config))
 
 
 def score_batches(dataset, config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
@@ -62,3 +82,21 @@ def write_json(path: str, data: Any) -> None:
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2, default=float)
     os.replace(tmp, path)
+
+
+def save_figure(fig, workdir: str, name: str) -> str:
+    """`fig` laid out, written to `workdir/name` and closed; the path."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    path = os.path.join(workdir, name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def text_table(rows: list[list[str]], title: str) -> list[str]:
+    """`title`, then the rows (the first is the header) in aligned columns between rules."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    rule = "-" * (sum(widths) + 3 * (len(widths) - 1))
+    cells = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return [title, rule, cells[0], rule, *cells[1:], rule] if len(rows) > 1 else [title, rule, cells[0], rule]

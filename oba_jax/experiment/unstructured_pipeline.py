@@ -54,7 +54,7 @@ def _run_method(method: str, dense, params, graph, batches, evaluate, dataset, c
     try:
         schedule = progressive_masks(score_fn, params, p.keep_ratio, graph=graph, steps=p.unstructured_steps,
                                      exclude=tuple(p.exclude), report_ratios=tuple(p.report_keep_ratios),
-                                     on_step=lambda record: (bar.update(1), bar.set_postfix(keep=f"{record['keep_ratio']:.3f}")))
+                                     on_step=lambda record: (bar.set_postfix(keep=f"{record['keep_ratio']:.3f}"), bar.update(1)))
     finally:
         bar.close()
     seconds = time.perf_counter() - start
@@ -81,12 +81,9 @@ def _run_method(method: str, dense, params, graph, batches, evaluate, dataset, c
 
 def run_unstructured(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """The whole experiment of a config in unstructured mode (see the module docstring); returns the report."""
-    os.makedirs(workdir, exist_ok=True)
-    dataset = training.load_dataset_for(config)
-    training.check_dataset_matches(config_lib.model_spec(config), dataset)
-    dense, source = runs.dense_model(config, workdir)
+    begin = runs.start(config, workdir)
+    dataset, dense, source, batches = begin.dataset, begin.dense, begin.source, begin.batches
     p = config.prune
-    batches = runs.score_batches(dataset, config)
     graph = model_connectivity(dense, batches[0][0][:1], bn_mode=p.bn_mode)
     params = jax.device_get(training.split_model(dense)[1])
     for key in ("exclude", "n_m_exclude"):
@@ -140,10 +137,7 @@ def plot_unstructured_report(report: dict, workdir: str) -> list[str]:
     ax.invert_xaxis()
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(os.path.join(workdir, "accuracy_vs_keep.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(runs.save_figure(fig, workdir, "accuracy_vs_keep.png"))
 
     leaves = report["scored_leaves"]
     methods = list(report["results"])
@@ -157,10 +151,7 @@ def plot_unstructured_report(report: dict, workdir: str) -> list[str]:
     ax.set_ylabel("sparsity (%)")
     ax.set_title(f"per-layer sparsity at keep ratio {report['keep_ratio']:g}", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(os.path.join(workdir, "layer_sparsity.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(runs.save_figure(fig, workdir, "layer_sparsity.png"))
     return paths
 
 
@@ -181,9 +172,5 @@ def unstructured_table(report: dict) -> str:
         pattern = next(x["pattern"] for x in nm if x)
         rows.append([f"{pattern} one-shot"] + [f"{100 * x['acc']:.2f}% (keep {x['keep_ratio']:.3f})" if x else "-"
                                                for x in nm])
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    rule = "-" * (sum(widths) + 3 * (len(widths) - 1))
-    lines = [f"unstructured pruning to keep ratio {report['keep_ratio']:g}, {report['steps']} steps "
-             f"(test top-1 before fine-tuning)", rule, " | ".join(h.ljust(w) for h, w in zip(header, widths)), rule]
-    lines += [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows] + [rule]
-    return "\n".join(lines)
+    return "\n".join(runs.text_table([header] + rows, f"unstructured pruning to keep ratio {report['keep_ratio']:g}, "
+                                                      f"{report['steps']} steps (test top-1 before fine-tuning)"))
