@@ -48,14 +48,6 @@ def _add(a: Any, b: Any) -> Any:
     return jax.tree_util.tree_map(jnp.add, a, b)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Accumulated:
-    sum: Any
-    count: int
-    method: str
-    graph: Connectivity | None
-
-
 def progressive_masks(score_fn: ScoreFn, params: Any, keep_ratio: float, *, graph: Connectivity, steps: int = 49,
                       exclude: Sequence[str] = (), report_ratios: Sequence[float] = (),
                       on_step: Callable[[dict], None] | None = None) -> Schedule:
@@ -73,8 +65,8 @@ def progressive_masks(score_fn: ScoreFn, params: Any, keep_ratio: float, *, grap
     for k, fraction in enumerate(fractions):
         masked = apply_masks(params, masks)
         result = score_fn(masked)
-        total = (_Accumulated(result.sum, result.count, result.method, result.graph) if total is None else
-                 _Accumulated(_add(total.sum, result.sum), total.count + result.count, total.method, total.graph))
+        total = result if total is None else dataclasses.replace(
+            total, sum=_add(total.sum, result.sum), count=total.count + result.count, parts=None)
         importance = importance_of(total, masked, graph=graph, exclude=exclude)
         previous = allowed
         while pending and pending[0] >= fraction:
