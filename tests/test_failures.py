@@ -3,6 +3,7 @@ per workdir, a prompt exit when a checkpoint cannot be written, and one paragrap
 status for every user error of train.py and prune.py."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -114,7 +115,10 @@ def test_a_failed_checkpoint_write_exits_promptly(tmp_path):
     assert proc.returncode == 8, stderr[-2000:]
     assert seconds < 60
     lines = [line for line in stderr.splitlines() if not line.startswith(("WARNING:absl", "train:"))]
-    assert lines and lines[-1].startswith("train.py: file system error:") and "checkpoints/80" in lines[-1], lines
+    assert lines and lines[-1].startswith("train.py: file system error:"), lines
+    # the first write after the chattr: usually step 80, later if training outran the polling loop
+    failed_step = re.search(r"checkpoints/(\d+)", lines[-1])
+    assert failed_step and int(failed_step.group(1)) > 40 and int(failed_step.group(1)) % 40 == 0, lines
     assert "Traceback" not in stderr
 
 

@@ -196,7 +196,7 @@ def _first_line(err: BaseException) -> str:
     return f"{type(root).__name__}: {lines[0] if lines else '(no message)'}"
 
 
-_NOISE_FILTERED = False
+_FUTURES_LOG_FILTERED = False
 
 
 def _closed_loop(err: BaseException | None) -> bool:
@@ -211,12 +211,13 @@ def _filter_orbax_read_noise() -> None:
     GeneratorExit of its closing into an exception that Python prints as 'Exception ignored in:
     <coroutine object _read_array_index_and_device_put ...>' with a long traceback. The hook installed
     here drops exactly those (coroutines whose code is orbax's, or exceptions raised through orbax's code,
-    such as 'Event loop is closed' from its abandoned loop) and passes everything else on.
+    such as 'Event loop is closed' from its abandoned loop) and passes everything else on. It is installed
+    again over whatever hook is current when that is not ours (a caller, or pytest, may have replaced it).
     """
-    global _NOISE_FILTERED
-    if _NOISE_FILTERED:
-        return
+    global _FUTURES_LOG_FILTERED
     previous = sys.unraisablehook
+    if getattr(previous, "drops_orbax_read_noise", False):
+        return
     marker = f"{os.sep}orbax{os.sep}"
 
     def from_orbax(unraisable) -> bool:
@@ -235,11 +236,13 @@ def _filter_orbax_read_noise() -> None:
     def hook(unraisable):
         if not from_orbax(unraisable):
             previous(unraisable)
+    hook.drops_orbax_read_noise = True
     sys.unraisablehook = hook
-    # the same leftovers, when a thread pool's done-callback finds orbax's loop closed, are logged instead
-    logging.getLogger("concurrent.futures").addFilter(
-        lambda record: not (record.exc_info and _closed_loop(record.exc_info[1])))
-    _NOISE_FILTERED = True
+    if not _FUTURES_LOG_FILTERED:
+        # the same leftovers, when a thread pool's done-callback finds orbax's loop closed, are logged instead
+        logging.getLogger("concurrent.futures").addFilter(
+            lambda record: not (record.exc_info and _closed_loop(record.exc_info[1])))
+        _FUTURES_LOG_FILTERED = True
 
 
 def _read(where: str, what: str, fn: Callable[[], Any]) -> Any:
