@@ -79,13 +79,16 @@ def test_iterative_continues_from_each_fine_tuned_model(tmp_path, oneshot):
     (["--config.prune.ignored_layers=('layers/0/conv', 'layers/1/conv')"], 2, "nothing to prune"),
     (["--config.prune.mode=iterative", "--config.prune.ops_ratios=(0.3, 0.6)"], 2, "decreasing"),
     (["--config.prune.mode=unstructured", "--config.prune.keep_ratio=0"], 2, "prune.keep_ratio"),
+    (["--config.prune.ignored_layers=('layers/0/cnv',)"], 2, "['layers/0/cnv'] match no layer or group"),
     (["--config.prune.mode=unstructured", "--config.prune.n_m_exclude=()"], 2, "not a multiple of 4"),
+    (["--config.prune.mode=unstructured", "--config.prune.exclude=('fc/kernl',)"], 2, "['fc/kernl'] match no parameter"),
+    (["--config.prune.mode=unstructured", "--config.prune.exclude=('layers', 'fc')"], 2, "excludes every layer"),
 ])
-def test_bad_configs_are_clear_errors(tmp_path, oneshot, extra, status, message):
-    proc = _prune(tmp_path, f"--config.prune.pretrained={oneshot[0] / 'dense'}", *extra)
+def test_bad_configs_are_clear_errors_before_any_training(tmp_path, extra, status, message):
+    proc = _prune(tmp_path, *extra)   # no prune.pretrained: a check made after the dense model would train it first
     assert proc.returncode == status, proc.stderr[-2000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "report.json").exists()
+    assert not (tmp_path / "report.json").exists() and not (tmp_path / "dense").exists()
 
 
 def test_a_checkpoint_of_another_architecture_is_refused(tmp_path, oneshot):
@@ -125,3 +128,18 @@ def test_unstructured_mode_masks_reports_plots_and_a_checkpoint_with_the_masks(t
     final = report["results"]["oba"]["final"]
     assert step == 2 and nonzero_pruned == 0
     assert pruned == final["size"] - final["kept"] and final["kept"] == round(0.1 * final["size"])
+
+
+def test_the_model_outline_has_the_built_models_shapes_and_no_values():
+    import jax
+    from flax import nnx
+    from models import build_model
+    from oba_jax.experiment import config as config_lib, runs
+    config = config_lib.default_sections()
+    config.model.family = "mlp"
+    config.model.spec.image_shape = (8, 8, 1)
+    config.model.spec.hidden = (16,)
+    outline = nnx.state(runs.model_outline(config), nnx.Param)
+    built = nnx.state(build_model(config_lib.model_spec(config), rngs=nnx.Rngs(0)), nnx.Param)
+    assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(outline))
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), outline) == jax.tree.map(lambda a: (a.shape, a.dtype), built)

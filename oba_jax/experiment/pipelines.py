@@ -27,13 +27,14 @@ from flax import nnx
 from oba_jax import nnx_model
 from oba_jax.experiment import config as config_lib
 from oba_jax.experiment import runs, training, unstructured_pipeline
-from oba_jax.scores import score_model
 from oba_jax.graph import GroupGraph
+from oba_jax.paths import flat_by_path, matches
+from oba_jax.scores import score_model
 from oba_jax.structured import group_scores, mask_model, model_group_graph, shrink_model
 from oba_jax.structured.nnx import is_param
 from oba_jax.structured.select import Selection, prune_to_ops
 
-__all__ = ["REPORT_FILE", "run_pruning", "result_table"]
+__all__ = ["REPORT_FILE", "check_settings", "run_pruning", "result_table"]
 
 REPORT_FILE = runs.REPORT_FILE
 
@@ -74,17 +75,36 @@ def _graph(model: nnx.Module, config: ml_collections.ConfigDict, example: jax.Ar
     return model_group_graph(model, example, ignore=tuple(p.ignored_layers), bn_mode=p.bn_mode)
 
 
+def _selection(graph: GroupGraph, p: ml_collections.ConfigDict) -> tuple[Selection, tuple]:
+    """The configured selection and the groups it may prune in `graph` (ConfigError if none)."""
+    try:
+        selection = Selection(global_pruning=p.global_pruning, max_pruning_ratio=p.max_pruning_ratio,
+                              round_to=p.round_to, kinds=tuple(p.kinds))
+        return selection, selection.selectable(graph.groups)
+    except ValueError as e:   # e.g. ignored_layers / kinds that leave nothing to prune
+        raise config_lib.ConfigError(f"config.prune: {e}") from None
+
+
+def check_settings(outline: nnx.Module, example: jax.Array, config: ml_collections.ConfigDict) -> None:
+    """ConfigError unless `prune.ignored_layers` name layers (path prefixes) or groups of the model and the
+    selection leaves something to prune (`outline`: a model of its structure, e.g. `runs.model_outline`)."""
+    p = config.prune
+    graph = _graph(outline, config, example)
+    paths = flat_by_path(training.split_model(outline)[1])
+    names = {g.name for g in graph.groups}
+    unknown = [e for e in p.ignored_layers if e not in names and not any(matches(path, (e,)) for path in paths)]
+    if unknown:
+        raise config_lib.ConfigError(f"config.prune.ignored_layers: {unknown} match no layer or group of the model "
+                                     f"(groups: {sorted(names)})")
+    _selection(graph, p)
+
+
 def prune_once(model: nnx.Module, graph: GroupGraph, config: ml_collections.ConfigDict, target: float,
                batches: tuple[jax.Array, jax.Array], dense_macs: int) -> tuple[nnx.Module, dict]:
     """One target: the schedule on the masked model, then the shrink. `target` is relative to the dense
     model (`dense_macs`); `model` (with its `graph`) may already be pruned (iterative)."""
     p = config.prune
-    try:
-        selection = Selection(global_pruning=p.global_pruning, max_pruning_ratio=p.max_pruning_ratio,
-                              round_to=p.round_to, kinds=tuple(p.kinds))
-        chosen = selection.selectable(graph.groups)
-    except ValueError as e:   # e.g. ignored_layers / kinds that leave nothing to prune
-        raise config_lib.ConfigError(f"config.prune: {e}") from None
+    selection, chosen = _selection(graph, p)
     current = graph.macs(attention=p.count_attention)
     relative = target * dense_macs / current
     if not 0 < relative < 1:
@@ -125,7 +145,7 @@ def run_pruning(config: ml_collections.ConfigDict, workdir: str) -> dict:
     `unstructured_pipeline`); returns the report it writes."""
     if config.prune.mode == "unstructured":
         return unstructured_pipeline.run_unstructured(config, workdir)
-    begin = runs.start(config, workdir)
+    begin = runs.start(config, workdir, check=lambda outline, example: check_settings(outline, example, config))
     dataset, dense, source, batches = begin.dataset, begin.dense, begin.source, begin.batches
     p = config.prune
     eval_bs = config.train.eval_batch_size

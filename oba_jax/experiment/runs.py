@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -16,7 +17,7 @@ from oba_jax.experiment import checkpoint as ckpt_lib
 from oba_jax.experiment import config as config_lib
 from oba_jax.experiment import training
 
-__all__ = ["REPORT_FILE", "Start", "dense_model", "progress", "save_figure", "score_batches", "start", "text_table", "write_json"]
+__all__ = ["REPORT_FILE", "Start", "dense_model", "model_outline", "progress", "save_figure", "score_batches", "start", "text_table", "write_json"]
 
 REPORT_FILE = "report.json"
 
@@ -46,13 +47,29 @@ class Start:
     batches: tuple[jax.Array, jax.Array]     # the scoring sample, stacked
 
 
-def start(config: ml_collections.ConfigDict, workdir: str) -> Start:
-    """The dataset (checked against the model), the dense model and the scoring sample of a config."""
+def model_outline(config: ml_collections.ConfigDict) -> nnx.Module:
+    """The configured model with abstract parameters (shapes only: nothing is initialised)."""
+    from models import build_model
+    spec = config_lib.model_spec(config)
+    return nnx.eval_shape(lambda: build_model(spec, rngs=nnx.Rngs(0)))
+
+
+def start(config: ml_collections.ConfigDict, workdir: str,
+          check: Callable[[nnx.Module, jax.Array], None] | None = None) -> Start:
+    """The dataset (checked against the model), the dense model and the scoring sample of a config.
+
+    `check(outline, example)` runs on `model_outline(config)` and one example input before the dense model is
+    trained or restored, so a setting that does not fit the model (a layer name that matches nothing, an N:M
+    pattern that does not divide a layer) is a ConfigError in seconds rather than after a training run; the
+    dense model has the outline's structure (`dense_model` refuses any other)."""
     os.makedirs(workdir, exist_ok=True)
     dataset = training.load_dataset_for(config)
     training.check_dataset_matches(config_lib.model_spec(config), dataset)
+    batches = score_batches(dataset, config)
+    if check is not None:
+        check(model_outline(config), batches[0][0][:1])
     dense, source = dense_model(config, workdir)
-    return Start(dataset, dense, source, score_batches(dataset, config))
+    return Start(dataset, dense, source, batches)
 
 
 def score_batches(dataset, config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:

@@ -25,7 +25,7 @@ from oba_jax.scores import get_method, model_connectivity, model_scorer
 from oba_jax.unstructured import (apply_masks, mask_sparsity, n_m_masks, progressive_masks, scored_leaves,
                                   unstructured_masks)
 
-__all__ = ["plot_unstructured_report", "run_unstructured", "unstructured_table"]
+__all__ = ["check_settings", "plot_unstructured_report", "run_unstructured", "unstructured_table"]
 
 
 def _sparsity_record(masks: Any, leaves: tuple[str, ...]) -> dict:
@@ -79,13 +79,10 @@ def _run_method(method: str, dense, params, graph, batches, evaluate, dataset, c
     return out
 
 
-def run_unstructured(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """The whole experiment of a config in unstructured mode (see the module docstring); returns the report."""
-    begin = runs.start(config, workdir)
-    dataset, dense, source, batches = begin.dataset, begin.dense, begin.source, begin.batches
-    p = config.prune
-    graph = model_connectivity(dense, batches[0][0][:1], bn_mode=p.bn_mode)
-    params = jax.device_get(training.split_model(dense)[1])
+def check_settings(outline: Any, example: jax.Array, p: ml_collections.ConfigDict) -> None:
+    """ConfigError unless `prune.exclude`, `prune.n_m_exclude` and `prune.n_m` fit the model (`outline`: a
+    model of its structure, e.g. `runs.model_outline`; parameter values are not read)."""
+    graph = model_connectivity(outline, example, bn_mode=p.bn_mode)
     for key in ("exclude", "n_m_exclude"):
         unknown = [e for e in p[key] if not any(matches(path, (e,)) for path in graph.leaf_paths)]
         if unknown:
@@ -93,12 +90,23 @@ def run_unstructured(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                          f"(parameters: {list(graph.leaf_paths)})")
     if not scored_leaves(graph, tuple(p.exclude)):
         raise config_lib.ConfigError("config.prune.exclude: excludes every layer weight and bias")
-    if p.n_m is not None:   # before any schedule runs: does the pattern fit every layer it covers?
+    if p.n_m is not None:
+        covered = scored_leaves(graph, tuple(p.exclude) + tuple(p.n_m_exclude))
+        shapes = flat_by_path(training.split_model(outline)[1])
         try:
-            n_m_masks({path: jax.numpy.zeros(np.shape(leaf)) for path, leaf in flat_by_path(params).items()
-                       if path in scored_leaves(graph, tuple(p.exclude) + tuple(p.n_m_exclude))}, graph, tuple(p.n_m))
+            n_m_masks({path: jax.numpy.zeros(leaf.shape) for path, leaf in shapes.items() if path in covered},
+                      graph, tuple(p.n_m))
         except ValueError as e:
             raise config_lib.ConfigError(f"config.prune.n_m: {e} (or add it to config.prune.n_m_exclude)") from None
+
+
+def run_unstructured(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """The whole experiment of a config in unstructured mode (see the module docstring); returns the report."""
+    p = config.prune
+    begin = runs.start(config, workdir, check=lambda outline, example: check_settings(outline, example, p))
+    dataset, dense, source, batches = begin.dataset, begin.dense, begin.source, begin.batches
+    graph = model_connectivity(dense, batches[0][0][:1], bn_mode=p.bn_mode)
+    params = jax.device_get(training.split_model(dense)[1])
     evaluate = training.model_evaluator(dense, dataset, config.train.eval_batch_size)
     acc_dense = evaluate(params)["top1"]
     methods = (p.importance, *p.compare)
