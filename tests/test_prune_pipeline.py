@@ -121,13 +121,16 @@ def test_unstructured_mode_masks_reports_plots_and_a_checkpoint_with_the_masks(t
               "p = jax.tree.leaves(nnx.state(m, nnx.Param)); k = jax.tree.leaves(masks)\n"
               "print(json.dumps([step, sum(int((np.asarray(a)[~np.asarray(b)] != 0).sum()) for a, b in zip(p, k)),"
               " sum(int((~np.asarray(b)).sum()) for b in k)]))")
-    out = subprocess.run([sys.executable, "-c", script, report["results"]["oba"]["final"]["checkpoint"]], cwd=ROOT,
-                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    step, nonzero_pruned, pruned = json.loads(out.stdout.strip().splitlines()[-1])
-    final = report["results"]["oba"]["final"]
-    assert step == 2 and nonzero_pruned == 0
-    assert pruned == final["size"] - final["kept"] and final["kept"] == round(0.1 * final["size"])
+    oba = report["results"]["oba"]
+    assert oba["n_m"]["finetune_steps"] == 2 and oba["n_m"]["checkpoint"] != oba["final"]["checkpoint"]
+    for record, kept in ((oba["final"], round(0.1 * oba["final"]["size"])), (oba["n_m"], oba["n_m"]["kept"])):
+        out = subprocess.run([sys.executable, "-c", script, record["checkpoint"]], cwd=ROOT,
+                             capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        step, nonzero_pruned, pruned = json.loads(out.stdout.strip().splitlines()[-1])
+        assert step == 2 and nonzero_pruned == 0
+        assert pruned == record["size"] - record["kept"] and record["kept"] == kept
+    assert "2:4 fine-tuned" in proc.stdout
 
 
 def test_the_model_outline_has_the_built_models_shapes_and_no_values():

@@ -4,8 +4,9 @@
       └─ per method (prune.importance, then prune.compare): the progressive schedule (OBA_SPEC.md §6) down
          to prune.keep_ratio, one compiled scorer for all steps; test accuracy at every report ratio
          (0.9, 0.8, …) it passes; with prune.n_m also the one-shot N:M masks from the dense model's scores
-         └─ masked fine-tuning (finetune.epochs; 0: none) into WORKDIR/unstructured_<method>: a checkpoint
-            whose optimizer state holds the masks (restore them with `checkpoint.restore_masks`)
+         └─ masked fine-tuning (finetune.epochs; 0: none) into WORKDIR/unstructured_<method> (and of the N:M
+            masks into WORKDIR/n_m_<method>): a checkpoint whose optimizer state holds the masks (restore them
+            with `checkpoint.restore_masks`)
       └─ WORKDIR/report.json, accuracy_vs_keep.png, layer_sparsity.png, a table on stdout
 """
 from __future__ import annotations
@@ -22,8 +23,14 @@ from oba_jax.experiment import config as config_lib
 from oba_jax.experiment import runs, training
 from oba_jax.paths import flat_by_path, matches
 from oba_jax.scores import get_method, model_connectivity, model_scorer
-from oba_jax.unstructured import (apply_masks, mask_sparsity, n_m_masks, progressive_masks, scored_leaves,
-                                  unstructured_masks)
+from oba_jax.unstructured import (
+    apply_masks,
+    mask_sparsity,
+    n_m_masks,
+    progressive_masks,
+    scored_leaves,
+    unstructured_masks,
+)
 
 __all__ = ["check_settings", "plot_unstructured_report", "run_unstructured", "unstructured_table"]
 
@@ -68,15 +75,22 @@ def _run_method(method: str, dense, params, graph, batches, evaluate, dataset, c
         except ValueError as e:
             raise config_lib.ConfigError(f"config.prune.n_m: {e}") from None
         out["n_m"] = {"pattern": f"{p.n_m[0]}:{p.n_m[1]}", **_sparsity_record(nm, leaves),
-                      "acc": evaluate(apply_masks(params, nm))["top1"]}
-    parts, _, batch_stats = training.split_model(dense)
-    masked = training.merge_model(parts, apply_masks(params, schedule.masks), batch_stats)
-    run_dir = os.path.join(workdir, f"unstructured_{method}")
-    tuned, final = training.fit(masked, dataset, config_lib.finetune_config(config), run_dir, masks=schedule.masks)
+                      "acc": evaluate(apply_masks(params, nm))["top1"],
+                      **_finetuned(dense, params, nm, dataset, config, os.path.join(workdir, f"n_m_{method}"))}
     out["final"] = {**_sparsity_record(schedule.masks, leaves), "acc_pruned": points[-1]["acc"],
-                    "acc_finetuned": final["top1"] if config.finetune.epochs > 0 else None,
-                    "finetune_steps": final["steps"], "checkpoint": os.path.abspath(run_dir)}
+                    **_finetuned(dense, params, schedule.masks, dataset, config,
+                                 os.path.join(workdir, f"unstructured_{method}"))}
     return out
+
+
+def _finetuned(dense, params, masks, dataset, config: ml_collections.ConfigDict, run_dir: str) -> dict:
+    """Masked fine-tuning of `dense` with `params` under `masks` into `run_dir` (finetune.epochs 0: only the
+    step-0 checkpoint with the masks); `acc_finetuned` (None without fine-tuning), steps, the checkpoint."""
+    parts, _, batch_stats = training.split_model(dense)
+    masked = training.merge_model(parts, apply_masks(params, masks), batch_stats)
+    _, final = training.fit(masked, dataset, config_lib.finetune_config(config), run_dir, masks=masks)
+    return {"acc_finetuned": final["top1"] if config.finetune.epochs > 0 else None,
+            "finetune_steps": final["steps"], "checkpoint": os.path.abspath(run_dir)}
 
 
 def check_settings(outline: Any, example: jax.Array, p: ml_collections.ConfigDict) -> None:
@@ -128,23 +142,33 @@ def plot_unstructured_report(report: dict, workdir: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     paths = []
+    from matplotlib.lines import Line2D
     fig, ax = plt.subplots(figsize=(6, 4))
+    kinds = {"schedule, no fine-tuning": dict(marker="o", ls="-"), "fine-tuned": dict(marker="D", ls="", mfc="none", ms=9)}
     for i, (method, r) in enumerate(report["results"].items()):
         color = f"C{i}"
         keep = [1.0] + [pt["keep_ratio"] for pt in r["points"]]
         acc = [100 * report["acc_dense"]] + [100 * pt["acc"] for pt in r["points"]]
-        ax.plot(keep, acc, "o-", color=color, label=f"{method} (no fine-tuning)")
+        ax.plot(keep, acc, color=color, **kinds["schedule, no fine-tuning"])
         if r["final"]["acc_finetuned"] is not None:
-            ax.plot([r["final"]["keep_ratio"]], [100 * r["final"]["acc_finetuned"]], "D", color=color, mfc="none",
-                    ms=9, label=f"{method}, fine-tuned")
+            ax.plot([r["final"]["keep_ratio"]], [100 * r["final"]["acc_finetuned"]], color=color, **kinds["fine-tuned"])
         if "n_m" in r:
-            ax.plot([r["n_m"]["keep_ratio"]], [100 * r["n_m"]["acc"]], "*", color=color, ms=13,
-                    label=f"{method}, {r['n_m']['pattern']} one-shot")
+            kinds[f"{r['n_m']['pattern']} one-shot"] = dict(marker="*", ls="", ms=13)
+            ax.plot([r["n_m"]["keep_ratio"]], [100 * r["n_m"]["acc"]], color=color,
+                    **kinds[f"{r['n_m']['pattern']} one-shot"])
+            if r["n_m"].get("acc_finetuned") is not None:
+                kinds[f"{r['n_m']['pattern']} fine-tuned"] = dict(marker="*", ls="", mfc="none", ms=13)
+                ax.plot([r["n_m"]["keep_ratio"]], [100 * r["n_m"]["acc_finetuned"]], color=color,
+                        **kinds[f"{r['n_m']['pattern']} fine-tuned"])
+    # colour = method, marker = kind of point: two short legends instead of one entry per combination
+    ax.add_artist(ax.legend([Line2D([], [], color=f"C{i}", lw=3) for i in range(len(report["results"]))],
+                            list(report["results"]), fontsize=7, loc="lower left", title="method", title_fontsize=7))
+    ax.legend([Line2D([], [], color="0.3", **style) for style in kinds.values()], list(kinds), fontsize=7,
+              loc="lower center", title="point", title_fontsize=7)
     ax.set_xlabel("keep ratio (kept fraction of layer weights and biases)")
     ax.set_ylabel("test top-1 (%)")
     ax.invert_xaxis()
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
     paths.append(runs.save_figure(fig, workdir, "accuracy_vs_keep.png"))
 
     leaves = report["scored_leaves"]
@@ -180,5 +204,8 @@ def unstructured_table(report: dict) -> str:
         pattern = next(x["pattern"] for x in nm if x)
         rows.append([f"{pattern} one-shot"] + [f"{100 * x['acc']:.2f}% (keep {x['keep_ratio']:.3f})" if x else "-"
                                                for x in nm])
+        if any(x and x.get("acc_finetuned") is not None for x in nm):
+            rows.append([f"{pattern} fine-tuned"] + [f"{100 * x['acc_finetuned']:.2f}%"
+                                                     if x and x.get("acc_finetuned") is not None else "-" for x in nm])
     return "\n".join(runs.text_table([header] + rows, f"unstructured pruning to keep ratio {report['keep_ratio']:g}, "
                                                       f"{report['steps']} steps (test top-1 before fine-tuning)"))
