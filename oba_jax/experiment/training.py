@@ -422,9 +422,11 @@ def plot_curves(workdir: str, filename: str = "curves.png") -> str | None:
     return path
 
 
-def _progress_bar(total_images: int, initial_images: int, enabled: bool, epochs: float):
+def _progress_bar(total_images: int, initial_images: int, enabled: bool, epochs: float, workdir: str | None):
     from oba_jax.experiment.progress import progress_bar
-    return progress_bar(total_images, "train", "img", initial=initial_images, unit_scale=True, enabled=enabled,
+    # named by the run: prune.py fine-tunes several (ops_0.5, unstructured_oba, n_m_oba, …) into one log
+    desc = "train" if workdir is None else f"train {os.path.basename(os.path.normpath(workdir))}"
+    return progress_bar(total_images, desc, "img", initial=initial_images, unit_scale=True, enabled=enabled,
                         lines=max(1, min(int(round(epochs)), 50)) if epochs >= 1 else 10)
 
 
@@ -545,7 +547,8 @@ def _run(trainer: Trainer, state: TrainState, start: int, end: int, parts: Model
             saved[0] = step
 
     bar = _progress_bar(trainer.total_steps * cfg.batch_size, start * cfg.batch_size,
-                        bool(config.train.get("progress_bar", True)), trainer.total_steps / trainer.steps_per_epoch)
+                        bool(config.train.get("progress_bar", True)), trainer.total_steps / trainer.steps_per_epoch,
+                        workdir)
     window: list[Mapping[str, jax.Array]] = []
     previous: list = [None]   # (step, loss) of the step before: checked one step late, so the device keeps a step queued
 
