@@ -500,7 +500,7 @@ def _fit(model: nnx.Module, dataset, config: ml_collections.ConfigDict, workdir:
     state = create_state(trainer, params, batch_stats)
     spec = getattr(model, "spec", None) if spec is None else spec
 
-    manager, log, elapsed_before, last_saved = None, None, 0.0, None
+    manager, log, elapsed_before, last_saved = None, None, 0.0, None   # what a workdir adds
     if workdir is not None:
         os.makedirs(workdir, exist_ok=True)
         log = MetricsLog(workdir)
@@ -519,21 +519,33 @@ def _fit(model: nnx.Module, dataset, config: ml_collections.ConfigDict, workdir:
             print(f"warning: the checkpoint in {workdir} is at step {start}, already past the {trainer.total_steps} "
                   f"steps this config trains (train.max_steps / epochs): nothing to train; reporting the step-{start} "
                   "model", file=sys.stderr)
-        return _run(trainer, state, start, end, parts, config, workdir=workdir, manager=manager, log=log, spec=spec,
-                    elapsed_before=elapsed_before, last_saved=last_saved, t_start=t_start)
+        outputs = _Outputs(workdir, manager, log, spec, last_saved,
+                           wall=lambda: elapsed_before + time.time() - t_start)   # wall time summed over resumes
+        return _run(trainer, state, start, end, parts, config, outputs)
     finally:
         if manager is not None:
             manager.close()
 
 
+@dataclasses.dataclass(frozen=True)
+class _Outputs:
+    """Where a fit writes (all None without a workdir) and what it resumed from."""
+
+    workdir: str | None
+    manager: Any                  # ocp.CheckpointManager
+    log: MetricsLog | None
+    spec: Any                     # stored in every checkpoint
+    last_saved: int | None        # the step of the newest checkpoint, None if there is none
+    wall: Callable[[], float]     # seconds of training so far, resumed runs included
+
+
 def _run(trainer: Trainer, state: TrainState, start: int, end: int, parts: ModelParts, config: ml_collections.ConfigDict,
-         *, workdir: str | None, manager, log: MetricsLog | None, spec, elapsed_before: float, last_saved: int | None,
-         t_start: float) -> tuple[nnx.Module, Metrics]:
+         out: _Outputs) -> tuple[nnx.Module, Metrics]:
     """The training loop of `fit` from `start` to `trainer.total_steps`, then the evaluation and the final
     checkpoint at `end` (the step the model is at: `start` when the checkpoint is already past the run)."""
     cfg = config.train
-    wall = lambda: elapsed_before + time.time() - t_start  # noqa: E731  (wall time summed over resumes)
-    saved = [last_saved]
+    workdir, manager, log, wall = out.workdir, out.manager, out.log, out.wall
+    saved = [out.last_saved]
 
     def save(state: TrainState, step: int, loss: Any) -> None:
         if manager is not None:
@@ -541,7 +553,7 @@ def _run(trainer: Trainer, state: TrainState, start: int, end: int, parts: Model
                 _check_finite(loss, step, saved[0])   # never checkpoint a diverged state
             _check_state_finite(state, step, saved[0])
             epoch, in_epoch = divmod(step, trainer.steps_per_epoch)
-            ckpt_lib.save_state(manager, step, state, spec=spec, config=config,
+            ckpt_lib.save_state(manager, step, state, spec=out.spec, config=config,
                                 data_position={"epoch": epoch, "step_in_epoch": in_epoch},
                                 extra={"wall_time": wall()})
             saved[0] = step
