@@ -474,15 +474,23 @@ def restore_model(path: str, step: int | None = None):
         flat = {**flatten_named(params, "params"), **flatten_named(batch_stats, "batch_stats")}
         target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()}
         restored = _restore_items(manager, step, meta, {"model": target})["model"]
-        return spec, params, batch_stats, restored, meta
+        return spec, abstract, params, batch_stats, restored, meta
 
     with _open_read_only(path, step) as (manager, directory, given):
-        found, (spec, params, batch_stats, restored, meta), corrupt = _with_fallback(manager, given, restore_one)
+        found, (spec, model, params, batch_stats, restored, meta), corrupt = _with_fallback(
+            manager, given, restore_one)
         _warn_fallback(manager, found, corrupt)
     params = unflatten_named(params, "params", restored)
     batch_stats = unflatten_named(batch_stats, "batch_stats", restored)
-    model = build_model(spec, rngs=nnx.Rngs(0))
+    if jax.tree.leaves(nnx_model.split(model)[1].rest):
+        # state that is neither params nor batch stats (none of the zoo's models has any) is not in the
+        # checkpoint: it needs a real initialisation
+        model = build_model(spec, rngs=nnx.Rngs(0))
+    # otherwise the abstract model becomes the restored one: initialising weights only to overwrite them
+    # cost seconds per model (eager init compiles an op per parameter shape)
     nnx.update(model, params, batch_stats)
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(model))):
+        raise RuntimeError(f"restoring {path} left parts of the model without values (a bug: please report it)")
     model.eval()
     return model, {**_public(meta), "step": found}
 
