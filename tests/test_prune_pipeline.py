@@ -8,9 +8,12 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A wide second conv: each of its channels costs < 0.8% of the MACs, so a plan in the window [target - 0.01,
+# target] always exists. With (16,'M',32) one channel was 2-6%, and whether the window existed among the nested
+# plans depended on the trained weights, i.e. on the CPU's rounding (it did not on an AVX2-only AMD EPYC).
 SMALL = ["--config.data.name=synthetic", "--config.data.synthetic.num_train=256", "--config.data.synthetic.num_test=64",
          "--config.train.epochs=1", "--config.train.batch_size=32", "--config.train.eval_batch_size=64",
-         "--config.train.progress_bar=false", "--config.model.spec.cfg=(16,'M',32)",
+         "--config.train.progress_bar=false", "--config.model.spec.cfg=(8,'M',128)",
          "--config.prune.score_batches=2", "--config.prune.score_batch_size=16", "--config.finetune.max_steps=4",
          "--config.prune.latency_repeats=3"]
 KEYS = {"target_ops_ratio", "ops_ratio", "params_ratio", "macs_dense", "macs_pruned", "acc_dense", "acc_pruned",
@@ -65,8 +68,7 @@ def test_iterative_continues_from_each_fine_tuned_model(tmp_path, oneshot):
     report = json.loads((tmp_path / "report.json").read_text())
     first, second = report["targets"]
     assert (first["target_ops_ratio"], second["target_ops_ratio"]) == (0.7, 0.4)
-    # (in this 48-channel toy one channel is 2.6–4.9% of the MACs, so a window of 0.01 may not exist)
-    assert 0.65 <= first["ops_ratio"] <= 0.7 and 0.35 <= second["ops_ratio"] <= 0.4
+    assert 0.69 <= first["ops_ratio"] <= 0.7 and 0.39 <= second["ops_ratio"] <= 0.4
     assert all(second["widths_before"][k] == first["widths_after"][k] for k in first["widths_after"])
     assert not (tmp_path / "dense").exists()
 
