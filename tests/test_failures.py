@@ -161,6 +161,21 @@ def test_user_errors_are_one_paragraph_with_a_documented_status(tmp_path):
         assert first in message and where in message, message
 
 
+def test_a_full_disk_is_status_8_naming_the_workdir(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        proc, _ = _run("train.py", *TINY, "--workdir", str(disk / "run"), "--config.train.max_steps=16",
+                       "--config.train.checkpoint_every_steps=8")
+    finally:
+        subprocess.run(["umount", str(disk)])
+    message = _message(proc).splitlines()
+    assert proc.returncode == 8 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert message[-1].startswith("train.py: file system error: No space left on device") and str(disk) in message[-1]
+
+
 def test_resume_past_max_steps_reports_the_true_step_and_changed_settings_are_named(tmp_path, capsys):
     from flax import nnx
     from models import build_model

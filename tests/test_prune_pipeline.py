@@ -82,6 +82,7 @@ def test_iterative_continues_from_each_fine_tuned_model(tmp_path, oneshot):
     (["--config.prune.mode=iterative", "--config.prune.ops_ratios=(0.3, 0.6)"], 2, "decreasing"),
     (["--config.prune.mode=unstructured", "--config.prune.keep_ratio=0"], 2, "prune.keep_ratio"),
     (["--config.prune.ignored_layers=('layers/0/cnv',)"], 2, "['layers/0/cnv'] match no layer or group"),
+    (["--config.prune.pretrained=/no/such"], 2, "config.prune.pretrained: '/no/such' is not a directory"),
     (["--config.prune.mode=unstructured", "--config.prune.n_m_exclude=()"], 2, "not a multiple of 4"),
     (["--config.prune.mode=unstructured", "--config.prune.exclude=('fc/kernl',)"], 2, "['fc/kernl'] match no parameter"),
     (["--config.prune.mode=unstructured", "--config.prune.exclude=('layers', 'fc')"], 2, "excludes every layer"),

@@ -29,12 +29,22 @@ def dense_model(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.Mo
     if source is None:
         source = os.path.join(workdir, "dense")
         training.train_and_evaluate(config, source)
-    model, meta = ckpt_lib.restore_model(source)
+    try:
+        model, meta = ckpt_lib.restore_model(source)
+    except FileNotFoundError as err:
+        if config.prune.pretrained is None:
+            raise
+        raise _no_pretrained(source, str(err)) from None
     if model.spec != spec:
         raise ckpt_lib.CheckpointMismatchError(
             f"{source} holds a {meta.get('spec')} model, but the config describes {spec}: prune.pretrained must be a "
             "train.py workdir of the configured model")
     return model, source
+
+
+def _no_pretrained(source: str, why: str) -> config_lib.ConfigError:
+    return config_lib.ConfigError(f"config.prune.pretrained: {why}; pass the --workdir of a train.py run of this "
+                                  "model, or leave prune.pretrained unset to train one into WORKDIR/dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +72,9 @@ def start(config: ml_collections.ConfigDict, workdir: str,
     trained or restored, so a setting that does not fit the model (a layer name that matches nothing, an N:M
     pattern that does not divide a layer) is a ConfigError in seconds rather than after a training run; the
     dense model has the outline's structure (`dense_model` refuses any other)."""
+    pretrained = config.prune.pretrained
+    if pretrained is not None and not os.path.isdir(pretrained):
+        raise _no_pretrained(pretrained, f"{pretrained!r} is not a directory")
     os.makedirs(workdir, exist_ok=True)
     dataset = training.load_dataset_for(config)
     training.check_dataset_matches(config_lib.model_spec(config), dataset)

@@ -447,7 +447,13 @@ def fit(model: nnx.Module, dataset, config: ml_collections.ConfigDict, workdir: 
     if workdir is None:
         return _fit(model, dataset, config, None, spec=spec, mesh=mesh, masks=masks)
     with workdir_lock(workdir):
-        return _fit(model, dataset, config, workdir, spec=spec, mesh=mesh, masks=masks)
+        try:
+            return _fit(model, dataset, config, workdir, spec=spec, mesh=mesh, masks=masks)
+        except OSError as err:
+            if err.filename:
+                raise
+            # orbax / tensorstore report a full disk without the path: name where the run was writing
+            raise OSError(err.errno, err.strerror or str(err), os.path.abspath(workdir)) from err
 
 
 class TrainingDivergedError(FloatingPointError):
