@@ -4,6 +4,7 @@ its shapes; bad overrides are rejected with a message naming the key."""
 from __future__ import annotations
 
 import glob
+import json
 import os
 
 import pytest
@@ -38,6 +39,20 @@ def _name(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
 
+# A config that is another with only the dataset and its class count changed runs no pipeline of its own
+# here: its twin's run covers it (test_twins_differ_only_in_the_dataset keeps that true).
+TWINS = {"cifar10_vgg19": "cifar100_vgg19", "cifar10_resnet32": "cifar100_resnet32"}
+DATASET_KEYS = {"data.name", "data.synthetic.num_classes", "model.spec.num_classes"}
+PIPELINES = [p for p in CONFIGS if _name(p) not in TWINS]
+
+
+def _flat(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
 def test_the_required_configs_exist():
     names = {_name(p) for p in CONFIGS}
     assert {"fashion_mnist", "cifar10_resnet20_unstructured", "cifar10_vgg19", "cifar100_vgg19", "cifar10_resnet32", "cifar100_resnet32",
@@ -61,7 +76,16 @@ def test_paper_recipes():
     assert (i.optim.lr, i.optim.weight_decay, i.train.epochs, tuple(i.optim.milestones)) == (0.001, 1e-4, 100, (30, 60, 80))
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=_name)
+@pytest.mark.parametrize("name, twin", sorted(TWINS.items()))
+def test_twins_differ_only_in_the_dataset(name, twin):
+    a, b = (_flat(json.loads(config_lib.load_config(os.path.join(REPO, "configs", f"{n}.py"), num_devices=1)
+                             .to_json_best_effort())) for n in (name, twin))
+    differ = {k for k in set(a) | set(b) if a.get(k) != b.get(k)}
+    assert differ <= DATASET_KEYS, (f"{name} is no longer {twin} on another dataset ({sorted(differ - DATASET_KEYS)}): "
+                                    "take it out of TWINS so that its own pipeline runs")
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=_name)
 def test_config_trains_and_prunes_on_synthetic_data(path, tmp_path):
     """The whole prune.py pipeline of every config on synthetic data of its shapes: dense training (two
     steps, checkpointed), the schedule, the shrink, evaluation and the report (fine-tuning stops at 0
