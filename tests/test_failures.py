@@ -161,19 +161,38 @@ def test_user_errors_are_one_paragraph_with_a_documented_status(tmp_path):
         assert first in message and where in message, message
 
 
-def test_a_full_disk_is_status_8_naming_the_workdir(tmp_path):
+@pytest.mark.parametrize("free_kb", [20, 150])   # tensorstore's error (a ValueError) at 20 kB, orbax's OSError at 150
+def test_a_full_disk_is_status_8_in_one_line_naming_the_path(tmp_path, free_kb):
     disk = tmp_path / "disk"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(disk)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
         pytest.skip("mounting a small tmpfs needs root")
     try:
+        (disk / "filler").write_bytes(bytes((1024 - free_kb) * 1024))
         proc, _ = _run("train.py", *TINY, "--workdir", str(disk / "run"), "--config.train.max_steps=16",
                        "--config.train.checkpoint_every_steps=8")
     finally:
         subprocess.run(["umount", str(disk)])
-    message = _message(proc).splitlines()
+    lines = [line for line in _message(proc).splitlines() if not line.startswith("train run:")]
     assert proc.returncode == 8 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert message[-1].startswith("train.py: file system error: No space left on device") and str(disk) in message[-1]
+    assert len(lines) == 1 and lines[0].startswith("train.py: file system error: No space left on device ("), lines
+    assert str(disk / "run") in lines[0]
+
+
+def test_tensorstore_write_errors_are_os_errors_naming_the_step():
+    from oba_jax.experiment.checkpoint import as_os_error
+    inner = ValueError('RESOURCE_EXHAUSTED: Error writing local file "/w/checkpoints/8.orbax-checkpoint-tmp/model.'
+                       'orbax-checkpoint-tmp/_sharding": Failed to write 2713 bytes: No space left on device '
+                       "[os_error_code='28']")
+    try:
+        try:
+            raise inner
+        except ValueError as err:
+            raise RuntimeError("Encountered error while writing") from err
+    except RuntimeError as outer:
+        found = as_os_error(outer)
+    assert (found.errno, found.strerror, found.filename) == (28, os.strerror(28), "/w/checkpoints/8")
+    assert as_os_error(ValueError("DATA_LOSS: bad bytes")) is None
 
 
 def test_resume_past_max_steps_reports_the_true_step_and_changed_settings_are_named(tmp_path, capsys):

@@ -196,58 +196,66 @@ def _first_line(err: BaseException) -> str:
     return f"{type(root).__name__}: {lines[0] if lines else '(no message)'}"
 
 
-_FUTURES_LOG_FILTERED = False
+_LOGS_FILTERED = False
+_ORBAX_CODE = f"{os.sep}orbax{os.sep}"
 
 
 def _closed_loop(err: BaseException | None) -> bool:
     return isinstance(err, RuntimeError) and str(err) == "Event loop is closed"
 
 
-def _filter_orbax_read_noise() -> None:
-    """Keeps orbax's failed-read leftovers off stderr from now on.
+def _through_orbax(tb) -> bool:
+    while tb is not None:
+        if _ORBAX_CODE in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
 
-    When one array read fails, orbax abandons the sibling reads; each such coroutine, when finally
-    collected (at some later time, from whichever thread drops the last reference), turns the
-    GeneratorExit of its closing into an exception that Python prints as 'Exception ignored in:
-    <coroutine object _read_array_index_and_device_put ...>' with a long traceback. The hook installed
-    here drops exactly those (coroutines whose code is orbax's, or exceptions raised through orbax's code,
-    such as 'Event loop is closed' from its abandoned loop) and passes everything else on. It is installed
-    again over whatever hook is current when that is not ours (a caller, or pytest, may have replaced it).
+
+def _orbax_echo(err: BaseException | None, tb) -> bool:
+    # tensorstore's futures carry no Python traceback: their message names the checkpoint being written
+    return (_closed_loop(err) or _through_orbax(tb)
+            or any(mark in str(err) for mark in (".orbax-checkpoint-tmp", "in OCDBT database")))
+
+
+def _filter_orbax_noise() -> None:
+    """Keeps the leftovers of orbax's failed reads and writes off stderr from now on.
+
+    When one array read or write fails, orbax abandons the sibling ones. Each such coroutine, when finally
+    collected (at some later time, from whichever thread drops the last reference), turns the GeneratorExit
+    of its closing into an exception that Python prints as 'Exception ignored in: <coroutine object
+    _read_array_index_and_device_put ...>' with a long traceback; a sibling write task that failed too is
+    logged by asyncio as 'Task exception was never retrieved'; callbacks that find orbax's loop closed print
+    'Event loop is closed'. The error that matters reaches the caller as an exception; the hook and log
+    filters installed here drop exactly these echoes (coroutines whose code is orbax's, exceptions raised
+    through orbax's code, the closed loop) and pass everything else on. The hook is installed again over
+    whatever hook is current when that is not ours (a caller, or pytest, may have replaced it).
     """
-    global _FUTURES_LOG_FILTERED
+    global _LOGS_FILTERED
+    if not _LOGS_FILTERED:
+        echo = lambda record: not (record.exc_info and _orbax_echo(record.exc_info[1], record.exc_info[2]))
+        logging.getLogger("concurrent.futures").addFilter(echo)   # a thread pool's done-callback, loop closed
+        logging.getLogger("asyncio").addFilter(echo)              # a sibling write's own failure
+        _LOGS_FILTERED = True
     previous = sys.unraisablehook
-    if getattr(previous, "drops_orbax_read_noise", False):
+    if getattr(previous, "drops_orbax_noise", False):
         return
-    marker = f"{os.sep}orbax{os.sep}"
 
     def from_orbax(unraisable) -> bool:
         code = getattr(unraisable.object, "cr_code", None)
-        if code is not None and marker in code.co_filename:
-            return True
-        if _closed_loop(unraisable.exc_value):
-            return True
-        tb = unraisable.exc_traceback   # e.g. 'Event loop is closed' raised while closing orbax's abandoned loop
-        while tb is not None:
-            if marker in tb.tb_frame.f_code.co_filename:
-                return True
-            tb = tb.tb_next
-        return False
+        return ((code is not None and _ORBAX_CODE in code.co_filename)
+                or _orbax_echo(unraisable.exc_value, unraisable.exc_traceback))
 
     def hook(unraisable):
         if not from_orbax(unraisable):
             previous(unraisable)
-    hook.drops_orbax_read_noise = True
+    hook.drops_orbax_noise = True
     sys.unraisablehook = hook
-    if not _FUTURES_LOG_FILTERED:
-        # the same leftovers, when a thread pool's done-callback finds orbax's loop closed, are logged instead
-        logging.getLogger("concurrent.futures").addFilter(
-            lambda record: not (record.exc_info and _closed_loop(record.exc_info[1])))
-        _FUTURES_LOG_FILTERED = True
 
 
 def _read(where: str, what: str, fn: Callable[[], Any]) -> Any:
     """``fn()``, with any error while reading turned into one CorruptCheckpointError (no traceback chain)."""
-    _filter_orbax_read_noise()   # before the read: sibling reads may report while the first error propagates
+    _filter_orbax_noise()   # before the read: sibling reads may report while the first error propagates
     try:
         return fn()
     except (CheckpointMismatchError, CorruptCheckpointError):
@@ -353,6 +361,25 @@ def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> list[str]:
 # ----------------------------------------------------------------------------- save / restore
 
 
+def as_os_error(err: BaseException) -> OSError | None:
+    """The OSError behind a failed checkpoint write, or None if `err` is not one.
+
+    tensorstore reports a file system error (a full disk, a read-only directory) as a ValueError like
+    'RESOURCE_EXHAUSTED: Error writing local file "<dir>/8.orbax-checkpoint-tmp/model..." ...
+    [os_error_code='28']', wrapped by orbax; this finds the code and names the step directory."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        text = str(err)
+        code = re.search(r"os_error_code='(\d+)'", text)
+        if code:
+            path = re.search(r'local file "([^"]+)"', text)
+            where = re.sub(r"\.orbax-checkpoint-tmp.*$", "", path.group(1)) if path else None
+            return OSError(int(code.group(1)), os.strerror(int(code.group(1))), where)
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def save_state(manager: ocp.CheckpointManager, step: int, state, *, spec=None, config=None,
                data_position: Mapping[str, int] | None = None, extra: Mapping[str, Any] | None = None) -> None:
     """Saves a :class:`oba_jax.train_lib.TrainState` (asynchronously; atomic on completion).
@@ -369,6 +396,7 @@ def save_state(manager: ocp.CheckpointManager, step: int, state, *, spec=None, c
             "config": json.loads(config.to_json_best_effort()) if config is not None else None,
             "data_position": dict(data_position or {}), **dict(extra or {}),
             CHECKSUMS_KEY: {"model": _checksums(model), "train": _checksums(train)}}
+    _filter_orbax_noise()   # a failed write (a full disk) echoes through its abandoned sibling writes
     manager.save(int(step), args=ocp.args.Composite(
         model=ocp.args.StandardSave(model), train=ocp.args.StandardSave(train), meta=ocp.args.JsonSave(meta)))
 

@@ -452,8 +452,13 @@ def fit(model: nnx.Module, dataset, config: ml_collections.ConfigDict, workdir: 
         except OSError as err:
             if err.filename:
                 raise
-            # orbax / tensorstore report a full disk without the path: name where the run was writing
+            # orbax reports a full disk without the path: name where the run was writing
             raise OSError(err.errno, err.strerror or str(err), os.path.abspath(workdir)) from err
+        except ValueError as err:
+            os_error = ckpt_lib.as_os_error(err)   # or tensorstore's, as a ValueError
+            if os_error is None:
+                raise
+            raise os_error from err
 
 
 class TrainingDivergedError(FloatingPointError):
