@@ -380,6 +380,25 @@ def as_os_error(err: BaseException) -> OSError | None:
     return None
 
 
+@contextlib.contextmanager
+def os_errors_naming(workdir: str):
+    """Inside, a file system error of a checkpoint write is an OSError that names where it happened.
+
+    orbax drops the path of a full disk ('[Errno 28] No space left on device'): the workdir is named
+    instead; tensorstore reports its own as a ValueError carrying the OS error code (`as_os_error`)."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename:
+            raise
+        raise OSError(err.errno, err.strerror or str(err), os.path.abspath(workdir)) from err
+    except ValueError as err:
+        os_error = as_os_error(err)
+        if os_error is None:
+            raise
+        raise os_error from err
+
+
 def save_state(manager: ocp.CheckpointManager, step: int, state, *, spec=None, config=None,
                data_position: Mapping[str, int] | None = None, extra: Mapping[str, Any] | None = None) -> None:
     """Saves a :class:`oba_jax.train_lib.TrainState` (asynchronously; atomic on completion).

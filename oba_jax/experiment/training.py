@@ -446,19 +446,8 @@ def fit(model: nnx.Module, dataset, config: ml_collections.ConfigDict, workdir: 
     """
     if workdir is None:
         return _fit(model, dataset, config, None, spec=spec, mesh=mesh, masks=masks)
-    with workdir_lock(workdir):
-        try:
-            return _fit(model, dataset, config, workdir, spec=spec, mesh=mesh, masks=masks)
-        except OSError as err:
-            if err.filename:
-                raise
-            # orbax reports a full disk without the path: name where the run was writing
-            raise OSError(err.errno, err.strerror or str(err), os.path.abspath(workdir)) from err
-        except ValueError as err:
-            os_error = ckpt_lib.as_os_error(err)   # or tensorstore's, as a ValueError
-            if os_error is None:
-                raise
-            raise os_error from err
+    with workdir_lock(workdir), ckpt_lib.os_errors_naming(workdir):
+        return _fit(model, dataset, config, workdir, spec=spec, mesh=mesh, masks=masks)
 
 
 class TrainingDivergedError(FloatingPointError):
