@@ -34,11 +34,12 @@ def result_table(config, metrics: dict) -> str:
 def main(argv: list[str]) -> int:
     from oba_jax.experiment.cli import run_cli
 
-    def body() -> int:
+    def body(session) -> int:
         from oba_jax.experiment import config as config_lib
         workdir, config = config_lib.config_from_cli(
             argv, prog="train.py", description=__doc__.split("\n\n")[0],
             workdir_help="directory for checkpoints, metrics.jsonl and plots")
+        session.config = config
         from oba_jax.experiment import training as train_lib
         from oba_jax.experiment.lock import workdir_lock
         with workdir_lock(workdir):   # before the data is loaded: a second run is refused at once

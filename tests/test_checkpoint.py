@@ -260,6 +260,7 @@ def test_truncated_file_is_one_clear_error(tmp_path, monkeypatch):
     # <coroutine ...>" tracebacks on stderr); pytest installs its own hook, so record what reaches it.
     noise = []
     monkeypatch.setattr(sys, "unraisablehook", noise.append)
+    ckpt_lib.filter_orbax_noise()   # what the CLIs install for their process (library calls never do)
     with pytest.raises(ckpt_lib.CorruptCheckpointError) as err:
         ckpt_lib.restore_state(manager, template, spec=spec)
     gc.collect()

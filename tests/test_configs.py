@@ -103,16 +103,17 @@ def test_config_trains_and_prunes_on_synthetic_data(path, tmp_path):
     if _name(path).startswith("cifar10_resnet32"):
         overrides.append(("model.spec.depth", "8"))   # the recipe is the same; 15 blocks only cost time here
     config = config_lib.load_config(path, overrides, num_devices=1)
-    report = pipelines.run_pruning(config, str(tmp_path))
+    report = pipelines.run(config, str(tmp_path))
+    assert pipelines.load_report(str(tmp_path)) == report      # the schema round-trips through report.json
     assert os.path.isdir(tmp_path / "dense" / "checkpoints" / "2")     # two dense training steps
-    assert report["importance"] == base.prune.importance
+    assert report.importance == base.prune.importance
     if config.prune.mode == "unstructured":
-        final = report["results"][config.prune.importance]["final"]
-        assert final["kept"] == round(config.prune.keep_ratio * final["size"])
+        final = report.results[config.prune.importance].final
+        assert final.kept == round(config.prune.keep_ratio * final.size)
         return
-    targets = [t["target_ops_ratio"] for t in report["targets"]]
+    targets = [t.target_ops_ratio for t in report.targets]
     assert targets == sorted(config.prune.ops_ratios, reverse=config.prune.mode == "iterative")
-    assert all(t["ops_ratio"] <= t["target_ops_ratio"] for t in report["targets"]), report["targets"]
+    assert all(t.ops_ratio <= t.target_ops_ratio for t in report.targets), report.targets
     if not _name(path).startswith("imagenet"):
         assert tuple(config.data.synthetic.image_shape) == tuple(base.data.synthetic.image_shape)
 

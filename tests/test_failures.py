@@ -85,7 +85,9 @@ def test_a_corrupt_newest_checkpoint_falls_back_with_a_warning_naming_both_steps
                     data[len(data) // 2:len(data) // 2 + 200] = bytes(255 - b for b in data[len(data) // 2:][:200])
                     fh.seek(0)
                     fh.write(data)
-    proc, _ = _run("prune.py", "score", "--checkpoint", str(workdir), "--method", "magnitude", "--out", str(tmp_path / "s"))
+    proc, _ = _run("prune.py", *TINY, "--workdir", str(tmp_path / "s"), "--config.prune.mode=score",
+                   f"--config.prune.pretrained={workdir}", "--config.prune.importance=magnitude",
+                   "--config.prune.score_batches=2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     warning = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
     assert warning and f"step {steps[-1]}" in warning[0] and f"step {steps[-2]}" in warning[0], proc.stderr[-2000:]
@@ -127,16 +129,35 @@ def test_a_workdir_is_one_runs_and_a_second_run_is_refused_at_once(tmp_path):
     with lock_lib.workdir_lock(str(tmp_path)):
         with lock_lib.workdir_lock(str(tmp_path)):      # re-entrant within a process
             pass
-        for args in (["train.py", *TINY], ["prune.py", *TINY]):
-            proc, seconds = _run(*args, "--workdir", str(tmp_path))
+        for args in (["train.py", *TINY, "--workdir", str(tmp_path)], ["prune.py", *TINY, "--workdir", str(tmp_path)],
+                     # a prune.pretrained that a running train.py holds (the landed main pruned its newest step)
+                     ["prune.py", *TINY, "--workdir", str(tmp_path / "other"), f"--config.prune.pretrained={tmp_path}",
+                      "--config.prune.score_batches=2"]):
+            proc, seconds = _run(*args)
             assert proc.returncode == 7, proc.stderr[-2000:]
             message = _message(proc)
             assert "workdir in use" in message and f"pid {os.getpid()}" in message and "started" in message
-            assert not (tmp_path / "checkpoints").exists()
+            assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "other" / "dense").exists()
+        assert f"config.prune.pretrained {tmp_path} is in use by another run" in message
     # a lock file left by a dead process (no flock held) is taken over
     (tmp_path / lock_lib.LOCK_FILE).write_text(json.dumps({"pid": 999999, "host": "gone", "start": "then"}))
     with lock_lib.workdir_lock(str(tmp_path)) as path:
         assert json.loads(open(path).read())["pid"] == os.getpid()
+
+
+def _idx(array):
+    array = np.asarray(array, np.uint8)
+    return bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, ">u4").tobytes() + array.tobytes()
+
+
+def _fashion_files(directory, *, test_labels=(1, 2, 3), image_shape=(28, 28)):
+    """Four well-formed IDX files (3 images a split) with the given test labels and image dims."""
+    directory.mkdir()
+    images = _idx(np.zeros((3, *image_shape)))
+    for name, payload in (("train-images-idx3-ubyte", images), ("train-labels-idx1-ubyte", _idx([0, 1, 2])),
+                          ("t10k-images-idx3-ubyte", images), ("t10k-labels-idx1-ubyte", _idx(test_labels))):
+        (directory / name).write_bytes(payload)
+    return directory
 
 
 def test_user_errors_are_one_paragraph_with_a_documented_status(tmp_path):
@@ -145,13 +166,23 @@ def test_user_errors_are_one_paragraph_with_a_documented_status(tmp_path):
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
         (data_dir / name).write_bytes(b"\x00\x00\x08\x03garbage")
     (tmp_path / "a_file").write_text("x")
+    # the landed main: 100.00% test top-1 on labels 200 (no logit beats a label that has none), and an image
+    # shape of the right byte count but the wrong dims blamed config.model.spec (status 2)
+    bad_labels = _fashion_files(tmp_path / "labels", test_labels=(1, 200, 3))
+    bad_dims = _fashion_files(tmp_path / "dims", image_shape=(14, 56))
     cases = [
+        (["train.py", "--config", "configs/fashion_mnist.py", "--workdir", str(tmp_path / "w3"),
+          f"--config.data.data_dir={bad_labels}"], 3, "1 of 3 labels are outside [0, 10) (values 200)",
+         str(bad_labels / "t10k-labels-idx1-ubyte")),
+        (["train.py", "--config", "configs/fashion_mnist.py", "--workdir", str(tmp_path / "w4"),
+          f"--config.data.data_dir={bad_dims}"], 3, "images of shape (14, 56), not the 28×28",
+         str(bad_dims / "train-images-idx3-ubyte")),
         (["train.py", "--config", "configs/fashion_mnist.py", "--workdir", str(tmp_path / "w1"),
           f"--config.data.data_dir={data_dir}"], 3, "dataset file corrupt", str(data_dir)),
         (["train.py", "--config", "configs/fashion_mnist.py", "--workdir", str(tmp_path / "w2"),
           "--config.data.data_dir=/no/such/dir"], 3, "is not a directory", "/no/such/dir"),
         (["train.py", *TINY, "--workdir", str(tmp_path / "a_file")], 8, "file system error", "a_file"),
-        (["prune.py", "score", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "a_file")], 2, "", ""),
+        (["prune.py", *TINY, "--workdir", "", "--config.prune.mode=score"], 2, "--workdir: empty", ""),
     ]
     for args, status, first, where in cases:
         proc, _ = _run(*args)

@@ -149,3 +149,50 @@ def test_the_model_outline_has_the_built_models_shapes_and_no_values():
     built = nnx.state(build_model(config_lib.model_spec(config), rngs=nnx.Rngs(0)), nnx.Param)
     assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(outline))
     assert jax.tree.map(lambda a: (a.shape, a.dtype), outline) == jax.tree.map(lambda a: (a.shape, a.dtype), built)
+
+
+def _one_line(proc):
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("prune.py:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return lines[0]
+
+
+def test_a_rerun_reuses_its_stages_and_refuses_those_of_other_inputs(oneshot):
+    """The landed main reused WORKDIR/ops_0.5 whatever produced it: a rerun with importance=magnitude reported
+    the OBA-pruned model as magnitude's, with status 0."""
+    workdir, _ = oneshot
+    report = (workdir / "report.json").read_text()
+    proc = _prune(workdir, "--config.prune.importance=magnitude")
+    assert proc.returncode == 2
+    message = _one_line(proc)
+    assert f"{workdir / 'ops_0.5'} holds a stage of other inputs" in message
+    assert 'prune.importance ("oba" → "magnitude")' in message and "--config.overwrite=true" in message
+    assert (workdir / "report.json").read_text() == report        # nothing was written
+    proc = _prune(workdir, f"--config.prune.pretrained={workdir / 'dense'}")   # the same model by another road
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train ops_0.5" not in proc.stderr                      # reused: nothing fine-tuned again
+    assert json.loads((workdir / "report.json").read_text())["targets"][0]["acc_finetuned"] == \
+        json.loads(report)["targets"][0]["acc_finetuned"]
+
+
+def test_another_pretrained_model_is_refused_naming_both(tmp_path, oneshot):
+    """Pretrained A, then B of the same architecture in the same workdir: the landed main mixed B's dense
+    accuracy with A's fine-tuned one, status 0."""
+    import shutil
+    other = tmp_path / "other_dense"
+    shutil.copytree(oneshot[0] / "dense", other)
+    trained = subprocess.run([sys.executable, "train.py", "--config", "configs/fashion_mnist.py", "--workdir", str(other),
+                              *SMALL[:8], "--config.train.epochs=2"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))   # 8 more steps: another model
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    proc = _prune(oneshot[0], f"--config.prune.pretrained={other}")
+    assert proc.returncode == 2
+    message = _one_line(proc)
+    assert f"dense_model (the directory's came from {oneshot[0] / 'dense'}, this run's from {other})" in message
+
+
+def test_a_round_to_that_cannot_be_met_is_blamed_on_round_to(tmp_path, oneshot):
+    proc = _prune(tmp_path, f"--config.prune.pretrained={oneshot[0] / 'dense'}", "--config.prune.round_to=4096")
+    assert proc.returncode == 2
+    message = _one_line(proc)
+    assert "config.prune.round_to (4096)" in message and "lower prune.round_to" in message

@@ -218,7 +218,7 @@ def _orbax_echo(err: BaseException | None, tb) -> bool:
             or any(mark in str(err) for mark in (".orbax-checkpoint-tmp", "in OCDBT database")))
 
 
-def _filter_orbax_noise() -> None:
+def filter_orbax_noise() -> None:
     """Keeps the leftovers of orbax's failed reads and writes off stderr from now on.
 
     When one array read or write fails, orbax abandons the sibling ones. Each such coroutine, when finally
@@ -230,6 +230,9 @@ def _filter_orbax_noise() -> None:
     filters installed here drop exactly these echoes (coroutines whose code is orbax's, exceptions raised
     through orbax's code, the closed loop) and pass everything else on. The hook is installed again over
     whatever hook is current when that is not ours (a caller, or pytest, may have replaced it).
+
+    It changes the interpreter's global state, so library calls never install it: the CLIs do
+    (`cli.run_cli`), and so may a program that wants the same quiet stderr.
     """
     global _LOGS_FILTERED
     if not _LOGS_FILTERED:
@@ -255,7 +258,6 @@ def _filter_orbax_noise() -> None:
 
 def _read(where: str, what: str, fn: Callable[[], Any]) -> Any:
     """``fn()``, with any error while reading turned into one CorruptCheckpointError (no traceback chain)."""
-    _filter_orbax_noise()   # before the read: sibling reads may report while the first error propagates
     try:
         return fn()
     except (CheckpointMismatchError, CorruptCheckpointError):
@@ -415,7 +417,6 @@ def save_state(manager: ocp.CheckpointManager, step: int, state, *, spec=None, c
             "config": json.loads(config.to_json_best_effort()) if config is not None else None,
             "data_position": dict(data_position or {}), **dict(extra or {}),
             CHECKSUMS_KEY: {"model": _checksums(model), "train": _checksums(train)}}
-    _filter_orbax_noise()   # a failed write (a full disk) echoes through its abandoned sibling writes
     manager.save(int(step), args=ocp.args.Composite(
         model=ocp.args.StandardSave(model), train=ocp.args.StandardSave(train), meta=ocp.args.JsonSave(meta)))
 

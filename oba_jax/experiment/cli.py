@@ -1,25 +1,37 @@
 """What `train.py` and `prune.py` share: one paragraph and one exit status per kind of user error.
 
 A user error (a bad config, missing or corrupt data, a checkpoint of another model or a corrupt one, a
-diverged run, a workdir another run holds, a filesystem that refuses a write) ends the run with one
-message on stderr, no traceback, and the status below; a genuine bug still shows its traceback.
+diverged run, a workdir another run holds, a filesystem that refuses a write, memory that runs out) ends
+the run with one message on stderr, no traceback, and the status below; a genuine bug still shows its
+traceback. SIGINT (Ctrl-C) and SIGTERM unwind the run the same way (locks released, no half-written
+report) and end it with 130 and 143; further signals during that shutdown are ignored, so it finishes
+without a traceback. The process-wide hooks a CLI wants (orbax's noise filters, warnings as one line) are
+installed here, by the CLI, never by library calls.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import signal
 import sys
 import threading
 import warnings
 from collections.abc import Callable
+from typing import Any
 
-from oba_jax.experiment.checkpoint import CheckpointMismatchError, CorruptCheckpointError, CorruptCheckpointWarning
+from oba_jax.experiment.checkpoint import (
+    CheckpointMismatchError,
+    CorruptCheckpointError,
+    CorruptCheckpointWarning,
+    filter_orbax_noise,
+)
 from oba_jax.experiment.config import ConfigError
 from oba_jax.experiment.data import CorruptDatasetError, DatasetNotFoundError
 from oba_jax.experiment.lock import WorkdirLockedError
 from oba_jax.experiment.training import TrainingDivergedError
 
-__all__ = ["EXIT_STATUSES", "run_cli"]
+__all__ = ["EXIT_STATUSES", "INTERRUPTED", "OUT_OF_MEMORY", "TERMINATED", "Session", "Terminated", "run_cli"]
 
 # (exception, exit status, what the message starts with); the first that matches wins
 EXIT_STATUSES: tuple[tuple[type[BaseException], int, str], ...] = (
@@ -33,6 +45,43 @@ EXIT_STATUSES: tuple[tuple[type[BaseException], int, str], ...] = (
     (OSError, 8, "file system error"),
 )
 INTERRUPTED = 130
+TERMINATED = 143    # 128 + SIGTERM, what a shell reports for a process SIGTERM killed
+OUT_OF_MEMORY = 9
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, so it unwinds exactly as a Ctrl-C does."""
+
+
+@dataclasses.dataclass
+class Session:
+    """What a CLI's body tells `run_cli` as it learns it: the config (for the out-of-memory advice) and
+    whether re-running the command resumes its work (for the interruption message)."""
+
+    config: Any = None
+    resumable: bool = True
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """XLA's allocation failures (RESOURCE_EXHAUSTED from the device or host allocator) and Python's."""
+    if isinstance(err, MemoryError):
+        return True
+    return type(err).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and "RESOURCE_EXHAUSTED" in str(err)
+
+
+def _memory_advice(prog: str, config: Any) -> str:
+    """The batch sizes a run of `config` allocates by, to name in the message."""
+    keys = [("train", "batch_size"), ("train", "eval_batch_size")] + ([("prune", "score_batch_size")]
+                                                                     if prog == "prune.py" else [])
+    if config is None:
+        return f"lower the batch sizes ({', '.join(f'{s}.{k}' for s, k in keys)}) or the model's size"
+    sizes = [f"{s}.{k}={config[s][k]}" for s, k in keys if s in config and k in config[s]]
+    return f"lower the batch size that was running ({', '.join(sizes)}) or the model's size, or use a device with more memory"
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -61,18 +110,48 @@ def _exit_now_if_stuck(status: int) -> None:
         os._exit(status)
 
 
-def run_cli(prog: str, body: Callable[[], int]) -> int:
-    """`body()`'s exit status, or the status of the user error it raised (message on stderr)."""
+def _install_process_hooks() -> None:
+    """What a CLI process wants and a library call must not impose on a notebook: a checkpoint fall-back as
+    one 'warning:' line, orbax's echoes of failed reads and writes off stderr, absl's thread tracebacks off."""
     warnings.showwarning = _show_warning
+    filter_orbax_noise()
     # orbax logs its own view of a failure (thread tracebacks) before the exception reaches us
     logging.getLogger("absl").setLevel(logging.CRITICAL)
+
+
+class _Signalled(Exception):
+    """Marks that a signal, not the body itself, raised the interruption."""
+
+
+def _stop_on(signum: int, frame: Any) -> None:
+    # the first signal starts the shutdown; signals while it unwinds would interrupt the cleanup itself
+    # (a traceback out of a finally block, a lock or a temporary file left behind), so they are ignored
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    err = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    err.__cause__ = _Signalled()
+    raise err
+
+
+def run_cli(prog: str, body: Callable[[Session], int]) -> int:
+    """`body(session)`'s exit status, or the status of the user error it raised (message on stderr)."""
+    _install_process_hooks()
+    session = Session()
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, _stop_on) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    signalled = False
     try:
-        return body()
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; the last checkpoint is kept, re-run the same command to resume",
-              file=sys.stderr)
-        _exit_now_if_stuck(INTERRUPTED)
-        return INTERRUPTED
+        return body(session)
+    except KeyboardInterrupt as err:
+        signalled = isinstance(err.__cause__, _Signalled)
+        terminated = isinstance(err, Terminated)
+        what = "terminated (SIGTERM)" if terminated else "interrupted"
+        then = ("the last checkpoint is kept, re-run the same command to resume" if session.resumable
+                else "nothing was written; re-run the command to start again")
+        print(f"{prog}: {what}; {then}", file=sys.stderr)
+        status = TERMINATED if terminated else INTERRUPTED
+        _exit_now_if_stuck(status)
+        return status
     except tuple(kind for kind, _, _ in EXIT_STATUSES) as err:
         for kind, status, label in EXIT_STATUSES:
             if isinstance(err, kind):
@@ -80,5 +159,15 @@ def run_cli(prog: str, body: Callable[[], int]) -> int:
                 _exit_now_if_stuck(status)
                 return status
         raise
+    except Exception as err:
+        if not _out_of_memory(err):
+            raise
+        print(f"{prog}: out of memory: {_first_line(err).rstrip('.')}; {_memory_advice(prog, session.config)}",
+              file=sys.stderr)
+        _exit_now_if_stuck(OUT_OF_MEMORY)
+        return OUT_OF_MEMORY
     finally:
         warnings.showwarning = _default_show
+        if not signalled:   # after a signal, one more during the exit must not raise a traceback either
+            for s, handler in previous.items():
+                signal.signal(s, handler)

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import inspect
+import math
 import os
 from typing import Any, Sequence
 
 import ml_collections
 
 SCHEDULES = ("multistep", "cosine", "constant")
-PRUNE_MODES = ("oneshot", "iterative", "unstructured")
+PRUNE_MODES = ("oneshot", "iterative", "unstructured", "score")   # the registry: experiment/pipelines
+SCORE_DTYPES = ("float32", "float64")
 
 # Sections whose keys are free-form: model.spec are keyword arguments of models.make_spec (validated
 # by building the spec), data.synthetic those of data.synthetic_dataset.
@@ -36,11 +39,25 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)  # type: ignore[union-attr]
+    except SystemExit as e:   # a config that exits at import would end the run with its status, doing nothing
+        raise ConfigError(f"--config: {path!r} called sys.exit({e.code!r}) while being imported; a config file "
+                          "must only define get_config()") from None
     except Exception as e:  # a syntax/import error in a user's config file
-        raise ConfigError(f"--config: cannot import {path!r}: {type(e).__name__}: {e}") from e
-    if not hasattr(module, "get_config"):
+        raise ConfigError(f"--config: cannot import {path!r}: {type(e).__name__}: {e}") from None
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
         raise ConfigError(f"--config: {path!r} has no get_config() function")
-    config = module.get_config()
+    required = [p.name for p in inspect.signature(get_config).parameters.values()
+                if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if required:
+        raise ConfigError(f"--config: get_config() in {path!r} requires the arguments {required}; a config file's "
+                          "get_config() is called without arguments (give them defaults)")
+    try:
+        config = get_config()
+    except SystemExit as e:
+        raise ConfigError(f"--config: get_config() in {path!r} called sys.exit({e.code!r})") from None
+    except Exception as e:  # noqa: BLE001  (a user's code raises anything)
+        raise ConfigError(f"--config: get_config() in {path!r} raised {type(e).__name__}: {e}") from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"--config: get_config() in {path!r} must return an ml_collections.ConfigDict")
     return config
@@ -65,7 +82,11 @@ def parse_value(key: str, text: str, current: Any) -> Any:
                 return False
             raise ValueError(f"expected true/false, got {text!r}")
         if isinstance(current, int):
-            return int(stripped)
+            try:
+                return int(stripped)
+            except ValueError:
+                # an epoch count written as 6 takes 0.5 too; keys that must be ints say so in validation
+                return float(stripped)
         if isinstance(current, float):
             return float(stripped)
         if isinstance(current, str):
@@ -148,10 +169,12 @@ def split_override_args(argv: Sequence[str]) -> tuple[list[str], list[tuple[str,
     return rest, overrides
 
 
-def config_from_cli(argv: Sequence[str], *, prog: str, description: str,
-                    workdir_help: str) -> tuple[str, ml_collections.ConfigDict]:
+def config_from_cli(argv: Sequence[str], *, prog: str, description: str, workdir_help: str,
+                    sections: Sequence[str] = ()) -> tuple[str, ml_collections.ConfigDict]:
     """`(workdir, config)` of a command line `--config C --workdir W [--config.KEY=VALUE ...]`: the config
     file with the overrides applied in order, validated and locked (a `ConfigError` names the key).
+    `sections`: sections this command needs beyond the common ones (prune.py: prune, finetune). Every config
+    gets `overwrite` (default false: see `manifest.claim_stage`) if its file does not set it.
     With `train.distributed`, `jax.distributed.initialize()` runs first: multi-host must initialise before
     anything (the validation's device count) asks JAX about devices."""
     import argparse
@@ -163,7 +186,17 @@ def config_from_cli(argv: Sequence[str], *, prog: str, description: str,
     parser.add_argument("--config", required=True, help="path to a configs/*.py file with get_config()")
     parser.add_argument("--workdir", required=True, help=workdir_help)
     args = parser.parse_args(list(rest))
+    if not args.workdir.strip():
+        raise ConfigError("--workdir: empty; name the directory for this run's outputs")
     config = load_config_file(args.config)
+    for section in sections:
+        if not isinstance(config.get(section), ml_collections.ConfigDict):
+            raise ConfigError(f"config.{section}: missing, and {prog} needs it; start the config from "
+                              f"oba_jax.experiment.config.default_sections() or set config.{section} = "
+                              f"{section}_section()")
+    if "overwrite" not in config:
+        with config.unlocked():
+            config.overwrite = False
     for key, text in overrides:
         apply_override(config, key, text)
     if config.get("train", {}).get("distributed", False):
@@ -204,7 +237,8 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A finite int or float (inf and nan pass no range check that means anything)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -> None:
@@ -226,6 +260,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
 
     name = _get(config, "data.name")
     _check(name in DATASETS, "data.name", f"unknown dataset {name!r}; expected one of {DATASETS}")
+    if name == "synthetic":
+        _validate_synthetic(config)
     _check(isinstance(_get(config, "data.augment"), bool), "data.augment", "must be true/false")
     _check(isinstance(_get(config, "data.download"), bool), "data.download", "must be true/false")
     data_dir = _get(config, "data.data_dir")
@@ -265,10 +301,35 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
     _check(max_steps is None or (_is_int(max_steps) and max_steps > 0), "train.max_steps",
            f"must be None or a positive int, got {max_steps!r}")
     _check(_is_int(_get(config, "train.seed")), "train.seed", "must be an int")
+    if "overwrite" in config:
+        _check(isinstance(config.overwrite, bool), "overwrite", "must be true/false")
     if "prune" in config:
         _validate_prune(config)
     if "finetune" in config:
         _validate_finetune(config)
+
+
+def _validate_synthetic(config: ml_collections.ConfigDict) -> None:
+    """`data.synthetic` holds keyword arguments of `data.synthetic_dataset`, with values it can make a
+    dataset of that trains at least one batch."""
+    from oba_jax.experiment.data import synthetic_dataset
+    s = _get(config, "data.synthetic")
+    _check(isinstance(s, ml_collections.ConfigDict), "data.synthetic", "must be a section")
+    known = sorted(inspect.signature(synthetic_dataset).parameters)
+    unknown = sorted(set(s.keys()) - set(known))
+    _check(not unknown, f"data.synthetic.{unknown[0] if unknown else ''}", f"unknown key; known keys: {known}")
+    batch = _get(config, "train.batch_size")
+    n = s.get("num_train", 512)
+    _check(_is_int(n) and n > 0 and (not _is_int(batch) or n >= batch), "data.synthetic.num_train",
+           f"must be an int >= train.batch_size ({batch}), got {n!r}")
+    _check(_is_int(s.get("num_test", 256)) and s.get("num_test", 256) > 0, "data.synthetic.num_test",
+           f"must be a positive int, got {s.get('num_test')!r}")
+    shape = s.get("image_shape", (32, 32, 3))
+    _check(isinstance(shape, (tuple, list)) and len(shape) >= 1 and all(_is_int(d) and d > 0 for d in shape),
+           "data.synthetic.image_shape", f"must be a tuple of positive ints, got {shape!r}")
+    classes = s.get("num_classes", 10)
+    _check(_is_int(classes) and classes >= 2, "data.synthetic.num_classes", f"must be an int >= 2, got {classes!r}")
+    _check(_is_int(s.get("seed", 0)), "data.synthetic.seed", "must be an int")
 
 
 def _validate_prune(config: ml_collections.ConfigDict) -> None:
@@ -284,8 +345,13 @@ def _validate_prune(config: ml_collections.ConfigDict) -> None:
     ratios = p("ops_ratios")
     _check(isinstance(ratios, tuple) and ratios and all(_is_number(r) and 0 < r < 1 for r in ratios), "prune.ops_ratios",
            f"must be a non-empty tuple of target ops ratios in (0, 1) (kept MACs / dense MACs), got {ratios!r}")
+    # each target has its own directory ops_<target:g>: targets that share one, or that the schedule's
+    # 0.01 window cannot tell apart, would overwrite or reuse each other's work
+    close = [(a, b) for i, a in enumerate(ratios) for b in ratios[i + 1:] if f"{a:g}" == f"{b:g}" or abs(a - b) < 1e-3]
+    _check(not close, "prune.ops_ratios", f"targets {close[0] if close else ''} are the same or nearly (closer than "
+                                          "1e-3); give each target once")
     if p("mode") == "iterative":
-        _check(list(ratios) == sorted(ratios, reverse=True) and len(set(ratios)) == len(ratios), "prune.ops_ratios",
+        _check(list(ratios) == sorted(ratios, reverse=True), "prune.ops_ratios",
                f"iterative pruning needs strictly decreasing targets, got {ratios!r}")
     final = p("final_ratio")
     _check(final is None or (_is_number(final) and 0 < final < 1), "prune.final_ratio", f"must be None or in (0, 1), got {final!r}")
@@ -303,6 +369,12 @@ def _validate_prune(config: ml_collections.ConfigDict) -> None:
     pretrained = p("pretrained")
     _check(pretrained is None or isinstance(pretrained, str), "prune.pretrained", "must be None or a train.py workdir")
     _check(_is_int(p("seed")), "prune.seed", "must be an int")
+    _check(p("score_dtype") in SCORE_DTYPES, "prune.score_dtype", f"must be one of {SCORE_DTYPES}, got {p('score_dtype')!r}")
+    for key in ("score_parts", "first_order"):
+        _check(isinstance(p(key), bool), f"prune.{key}", "must be true/false")
+    for key in ("score_parts", "first_order"):
+        _check(p("importance") == "oba" or not p(key), f"prune.{key}",
+               f"is an option of importance oba, not of {p('importance')!r}")
     _validate_unstructured(config)
 
 
@@ -323,9 +395,10 @@ def _validate_unstructured(config: ml_collections.ConfigDict) -> None:
         _check(isinstance(p(key), tuple) and all(isinstance(x, str) for x in p(key)), f"prune.{key}",
                "must be a tuple of parameter paths or prefixes")
     compare = p("compare")
-    _check(isinstance(compare, tuple) and all(m in METHODS for m in compare) and len(set(compare)) == len(compare)
-           and p("importance") not in compare, "prune.compare",
-           f"must be a tuple of distinct methods of {METHODS} other than prune.importance, got {compare!r}")
+    # prune.importance in compare is not an error: it runs once (`unstructured_methods`), and structured modes
+    # ignore compare (the shipped Fashion-MNIST config compares with magnitude, so importance=magnitude is common)
+    _check(isinstance(compare, tuple) and all(m in METHODS for m in compare) and len(set(compare)) == len(compare),
+           "prune.compare", f"must be a tuple of distinct methods of {METHODS}, got {compare!r}")
 
 
 def _validate_finetune(config: ml_collections.ConfigDict) -> None:
@@ -339,6 +412,11 @@ def _validate_finetune(config: ml_collections.ConfigDict) -> None:
     _check(_is_number(f("weight_decay")) and f("weight_decay") >= 0, "finetune.weight_decay", "must be >= 0")
     steps = f("max_steps")
     _check(steps is None or (_is_int(steps) and steps >= 0), "finetune.max_steps", f"must be None or an int >= 0, got {steps!r}")
+
+
+def unstructured_methods(prune: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The methods unstructured mode runs: `prune.importance`, then those of `prune.compare` (each once)."""
+    return tuple(dict.fromkeys((prune.importance, *prune.compare)))
 
 
 def model_spec(config: ml_collections.ConfigDict):
@@ -392,6 +470,9 @@ def prune_section(**overrides: Any) -> ml_collections.ConfigDict:
         "keep_ratio": 0.1, "report_keep_ratios": (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1),
         "unstructured_steps": 49, "n_m": ml_collections.FieldReference(None, field_type=tuple), "exclude": (),
         "n_m_exclude": (), "compare": (),
+        # mode="score": the scores of the dense model in WORKDIR/scores_<importance>; OBA's parts
+        # (upward/downward/parallel) and first-order term on request
+        "score_dtype": "float32", "score_parts": False, "first_order": False,
     })
     section.update(overrides)
     return section

@@ -136,6 +136,20 @@ def parse_idx(data: bytes, path: str = "<bytes>") -> np.ndarray:
     return np.frombuffer(data, np.uint8, offset=header).reshape(shape).copy()
 
 
+def check_labels(labels: np.ndarray, num_classes: int, path: str) -> np.ndarray:
+    """`labels` as int32 if every one is a class index in [0, num_classes); else CorruptDatasetError naming
+    `path` and the bad values (out-of-range labels once scored 100% test accuracy: no logit beats a label
+    that has none)."""
+    labels = np.asarray(labels)
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        values = np.unique(labels[bad])
+        shown = ", ".join(str(int(v)) for v in values[:8]) + (", …" if len(values) > 8 else "")
+        raise CorruptDatasetError(f"{path}: {int(bad.sum())} of {labels.size} labels are outside [0, {num_classes}) "
+                                  f"(values {shown}): not a {num_classes}-class dataset's labels")
+    return labels.astype(np.int32)
+
+
 def read_idx(path: str) -> np.ndarray:
     """Reads an IDX file, gzipped (``.gz``) or raw."""
     try:
@@ -162,11 +176,14 @@ def read_fashion_mnist_dir(directory: str) -> dict[str, np.ndarray] | None:
     arrays = {key: read_idx(path) for key, path in paths.items()}
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        if images.ndim != 3 or images.shape[1:] != (28, 28):
+            raise CorruptDatasetError(f"{paths[split + '_images']}: images of shape {images.shape[1:]}, not the "
+                                      "28×28 of Fashion-MNIST")
+        if labels.ndim != 1 or len(images) != len(labels):
             raise CorruptDatasetError(
                 f"{paths[split + '_images']}: images {images.shape} do not match labels {labels.shape}")
         arrays[f"{split}_images"] = images[..., None]  # NHWC with one channel
-        arrays[f"{split}_labels"] = labels.astype(np.int32)
+        arrays[f"{split}_labels"] = check_labels(labels, NUM_CLASSES["fashion_mnist"], paths[f"{split}_labels"])
     return arrays
 
 
@@ -232,15 +249,20 @@ def _concat(parts):
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def _cifar_from_files(files: dict[str, bytes], layout: dict, origin: str, binary: bool):
+def _cifar_from_files(files: dict[str, bytes], layout: dict, origin: str, binary: bool, num_classes: int):
     """Builds the train/test arrays from the member files of one CIFAR version (binary or python)."""
+    def checked(images, labels, where):
+        return images, check_labels(labels, num_classes, where)
+
     if binary:
         def parse(fname):
-            return parse_cifar_binary(files[fname], layout["label_bytes"], layout["label_index"], f"{origin}:{fname}")
+            where = f"{origin}:{fname}"
+            return checked(*parse_cifar_binary(files[fname], layout["label_bytes"], layout["label_index"], where), where)
         train_names, test_names = layout["bin_train"], layout["bin_test"]
     else:
         def parse(fname):
-            return parse_cifar_python(files[fname], layout["label_key"], f"{origin}:{fname}")
+            where = f"{origin}:{fname}"
+            return checked(*parse_cifar_python(files[fname], layout["label_key"], where), where)
         train_names, test_names = layout["py_train"], layout["py_test"]
     train, test = _concat([parse(f) for f in train_names]), _concat([parse(f) for f in test_names])
     return dict(train_images=train[0], train_labels=train[1], test_images=test[0], test_labels=test[1])
@@ -287,14 +309,14 @@ def read_cifar_dir(name: str, directory: str) -> tuple[dict[str, np.ndarray], st
         for d in (os.path.join(directory, subdir), directory):
             files = _read_cifar_dir_files(d, names)
             if files is not None:
-                return _cifar_from_files(files, layout, d, binary), d
+                return _cifar_from_files(files, layout, d, binary, NUM_CLASSES[name]), d
     for binary in (True, False):
         names = layout["bin_train"] + layout["bin_test"] if binary else layout["py_train"] + layout["py_test"]
         kind = "binary" if binary else "python"
         for ext in (".tar.gz", ".tgz", ".tar"):
             path = os.path.join(directory, f"{layout['archive']}-{kind}{ext}")
             if os.path.isfile(path):
-                return _cifar_from_files(_read_cifar_tar(path, names), layout, path, binary), path
+                return _cifar_from_files(_read_cifar_tar(path, names), layout, path, binary, NUM_CLASSES[name]), path
     return None
 
 
@@ -333,7 +355,8 @@ def read_tfds_dir(name: str, directory: str) -> dict[str, np.ndarray]:
         except Exception as e:  # tfds raises assorted errors for half-written / mismatched dirs
             raise CorruptDatasetError(
                 f"{os.path.join(directory, name)}: prepared TFDS dataset could not be read ({type(e).__name__}: {e})") from e
-        out[f"{split}_images"], out[f"{split}_labels"] = images, labels
+        out[f"{split}_images"] = images
+        out[f"{split}_labels"] = check_labels(labels, NUM_CLASSES[name], f"{os.path.join(directory, name)} ({split})")
     return out
 
 

@@ -17,7 +17,7 @@ import socket
 import sys
 from collections.abc import Iterator
 
-__all__ = ["LOCK_FILE", "WorkdirLockedError", "workdir_lock"]
+__all__ = ["LOCK_FILE", "WorkdirLockedError", "reading_lock", "workdir_lock"]
 
 LOCK_FILE = ".lock"
 _HELD: dict[str, list] = {}   # realpath of a lock file -> [open file, depth]
@@ -74,3 +74,32 @@ def workdir_lock(workdir: str) -> Iterator[str]:
     finally:
         del _HELD[path]
         f.close()   # closing releases the flock; the file stays (a later run takes it over)
+
+
+@contextlib.contextmanager
+def reading_lock(workdir: str, what: str = "the workdir") -> Iterator[None]:
+    """A shared `flock` on `workdir/.lock` while another run's outputs are read (`prune.pretrained`): refused
+    with `WorkdirLockedError` naming the holder while a run holds the workdir (a train.py still writing it
+    would be read at whichever step is newest), and a run that starts on it meanwhile is refused in turn.
+    Writes nothing: a read-only workdir, or one without a lock file (never run by train.py), reads unlocked."""
+    path = os.path.realpath(os.path.join(workdir, LOCK_FILE))
+    if path in _HELD or not os.path.isfile(path):   # held by this process (re-entrant), or no run ever held it
+        yield
+        return
+    try:
+        f = open(path)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise WorkdirLockedError(
+                f"{what} {os.path.abspath(workdir)} is in use by another run, which may still be writing it: "
+                f"{_holder(path)}. Wait for it to finish") from None
+        except OSError:   # a filesystem without flock
+            pass
+        yield
+    finally:
+        f.close()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -16,21 +15,27 @@ from flax import nnx
 from oba_jax.experiment import checkpoint as ckpt_lib
 from oba_jax.experiment import config as config_lib
 from oba_jax.experiment import training
+from oba_jax.experiment.lock import reading_lock
+from oba_jax.experiment.manifest import Manifest, claim_stage, config_inputs, model_digest
 
-__all__ = ["REPORT_FILE", "Start", "dense_model", "model_outline", "progress", "save_figure", "score_batches", "start", "text_table", "write_json"]
-
-REPORT_FILE = "report.json"
+__all__ = ["Start", "dense_model", "model_outline", "progress", "pyplot", "save_figure", "score_batches", "start",
+           "text_table"]
 
 
 def dense_model(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.Module, str]:
-    """The model to prune and where it came from: `prune.pretrained` or a training run in WORKDIR/dense."""
+    """The model to prune and where it came from: `prune.pretrained` (read under a shared lock, so a train.py
+    still writing it is refused rather than read mid-run) or a training run in WORKDIR/dense (a stage with a
+    manifest: reused only when trained from the same inputs)."""
     spec = config_lib.model_spec(config)
     source = config.prune.pretrained
     if source is None:
         source = os.path.join(workdir, "dense")
+        claim_stage(source, Manifest("dense", config_inputs(config, "dense"), {}),
+                    overwrite=bool(config.get("overwrite", False)))
         training.train_and_evaluate(config, source)
     try:
-        model, meta = ckpt_lib.restore_model(source)
+        with reading_lock(source, what="config.prune.pretrained"):
+            model, meta = ckpt_lib.restore_model(source)
     except FileNotFoundError as err:
         if config.prune.pretrained is None:
             raise
@@ -55,6 +60,18 @@ class Start:
     dense: nnx.Module
     source: str                              # where the dense model came from
     batches: tuple[jax.Array, jax.Array]     # the scoring sample, stacked
+    dense_digest: str                        # `manifest.model_digest` of the dense model's state
+
+    def claim(self, config: ml_collections.ConfigDict, directory: str, stage: str, start: nnx.Module | None = None,
+              start_from: str = "", **inputs: Any) -> bool:
+        """`manifest.claim_stage` of a stage of kind `stage` that starts from `start` (default: the dense model;
+        `start_from` says where it came from) with `inputs` beyond the config's; True when the directory holds
+        its work already."""
+        start_digest = self.dense_digest if start is None else model_digest(nnx.state(start))
+        manifest = Manifest(stage, {**config_inputs(config, stage), **inputs, "dense_model": self.dense_digest,
+                                    "start_model": start_digest},
+                            {"dense_model": self.source, "start_model": start_from or self.source})
+        return claim_stage(directory, manifest, overwrite=bool(config.get("overwrite", False)))
 
 
 def model_outline(config: ml_collections.ConfigDict) -> nnx.Module:
@@ -65,24 +82,30 @@ def model_outline(config: ml_collections.ConfigDict) -> nnx.Module:
 
 
 def start(config: ml_collections.ConfigDict, workdir: str,
-          check: Callable[[nnx.Module, jax.Array], None] | None = None) -> Start:
+          check: Callable[[nnx.Module, jax.Array], None] | None = None, *, finetunes: bool = True) -> Start:
     """The dataset (checked against the model), the dense model and the scoring sample of a config.
 
     `check(outline, example)` runs on `model_outline(config)` and one example input before the dense model is
     trained or restored, so a setting that does not fit the model (a layer name that matches nothing, an N:M
     pattern that does not divide a layer) is a ConfigError in seconds rather than after a training run; the
-    dense model has the outline's structure (`dense_model` refuses any other)."""
+    dense model has the outline's structure (`dense_model` refuses any other). The dense training (without
+    `prune.pretrained`) and, when `finetunes`, the fine-tuning must each run at least one step on the dataset."""
     pretrained = config.prune.pretrained
     if pretrained is not None and not os.path.isdir(pretrained):
         raise _no_pretrained(pretrained, f"{pretrained!r} is not a directory")
     os.makedirs(workdir, exist_ok=True)
     dataset = training.load_dataset_for(config)
     training.check_dataset_matches(config_lib.model_spec(config), dataset)
+    n = len(dataset.train_labels)
+    if pretrained is None:
+        training.check_step_count(config, n, "train")
+    if finetunes and config.finetune.epochs > 0:
+        training.check_step_count(config_lib.finetune_config(config), n, "finetune")
     batches = score_batches(dataset, config)
     if check is not None:
         check(model_outline(config), batches[0][0][:1])
     dense, source = dense_model(config, workdir)
-    return Start(dataset, dense, source, batches)
+    return Start(dataset, dense, source, batches, model_digest(nnx.state(dense)))
 
 
 def score_batches(dataset, config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
@@ -106,12 +129,12 @@ def progress(total: int, desc: str):
     return progress_bar(total, desc, "step")
 
 
-def write_json(path: str, data: Any) -> None:
-    """Written to a temporary file and renamed: a report on disk is always complete."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, default=float)
-    os.replace(tmp, path)
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files, no display), imported when a plot is drawn."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def save_figure(fig, workdir: str, name: str) -> str:

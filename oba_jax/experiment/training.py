@@ -129,13 +129,16 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     """1.0 per example whose label is among the ``k`` largest logits (k capped at num_classes).
 
     Counts classes scoring strictly higher than the label's logit, so ties favour the label
-    (the same as torch.topk on distinct logits). An example with any non-finite logit is wrong.
+    (the same as torch.topk on distinct logits). An example with any non-finite logit is wrong, and so is
+    one whose label is no class index (outside [0, num_classes)).
     """
-    label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+    num_classes = logits.shape[-1]
+    valid = (labels >= 0) & (labels < num_classes)
+    label_logit = jnp.take_along_axis(logits, jnp.clip(labels, 0, num_classes - 1)[:, None], axis=-1)
     higher = jnp.sum(logits > label_logit, axis=-1)
     # every comparison with NaN is false: without this, NaN logits would count as correct
     finite = jnp.all(jnp.isfinite(logits), axis=-1)
-    return ((higher < min(k, logits.shape[-1])) & finite).astype(jnp.float32)
+    return ((higher < min(k, num_classes)) & finite & valid).astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -247,8 +250,21 @@ class Trainer:
 
 def steps_per_epoch_of(num_train: int, batch_size: int) -> int:
     if num_train < batch_size:
-        raise ValueError(f"config.train.batch_size: {batch_size} exceeds the {num_train} training examples")
+        raise config_lib.ConfigError(f"config.train.batch_size: {batch_size} exceeds the {num_train} training "
+                                     "examples (the incomplete last batch is dropped, so no step would run)")
     return num_train // batch_size
+
+
+def check_step_count(config: ml_collections.ConfigDict, num_train: int, section: str = "train") -> None:
+    """ConfigError unless the epochs of `config` make at least one step on `num_train` examples (an explicit
+    `max_steps=0`, e.g. only a fine-tuning's step-0 checkpoint, is a choice, not an error); `section` is where
+    the epochs were set ("finetune" for `config_lib.finetune_config`), so the message names that key."""
+    spe = steps_per_epoch_of(num_train, config.train.batch_size)
+    if int(round(config.train.epochs * spe)) >= 1:
+        return
+    raise config_lib.ConfigError(
+        f"config.{section}.epochs: {config.train.epochs:g} epochs of {spe} steps ({num_train} examples, batch "
+        f"{config.train.batch_size}) round to 0 steps; train at least one step (epochs >= {1 / spe:.3g})")
 
 
 def total_steps_of(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
@@ -363,10 +379,15 @@ def _evaluate(eval_step: Callable, mesh: Mesh, params: Any, batch_stats: Any, im
 
 
 class MetricsLog:
-    """Appends one JSON object per line to ``workdir/metrics.jsonl`` (process 0 only)."""
+    """Appends one JSON object per line to ``workdir/metrics.jsonl`` (process 0 only).
+
+    A run killed mid-write leaves a last line without its newline; the next record would be glued to it and
+    both lost, so opening the log cuts such a torn tail off (with a warning) before anything is appended."""
 
     def __init__(self, workdir: str):
         self.path = os.path.join(workdir, METRICS_FILE)
+        if jax.process_index() == 0:
+            _cut_torn_tail(self.path)
 
     def write(self, record: Mapping[str, Any]) -> None:
         if jax.process_index() != 0:
@@ -375,17 +396,44 @@ class MetricsLog:
             f.write(json.dumps(dict(record)) + "\n")
 
 
+def _cut_torn_tail(path: str) -> None:
+    """Truncates `path` after its last newline if it does not end with one (a writer killed mid-line)."""
+    try:
+        with open(path, "rb+") as f:
+            data = f.read()
+            if not data or data.endswith(b"\n"):
+                return
+            keep = data.rfind(b"\n") + 1
+            f.truncate(keep)
+    except FileNotFoundError:
+        return
+    print(f"warning: {path}: dropped a torn last line ({len(data) - keep} bytes, from a run killed while writing it)",
+          file=sys.stderr)
+
+
 def read_metrics(workdir: str) -> list[dict]:
-    """All records of ``workdir/metrics.jsonl`` (keeping the last record per (kind, step) after resumes)."""
+    """All records of ``workdir/metrics.jsonl`` (keeping the last record per (kind, step) after resumes);
+    lines that are not JSON objects (a torn write) are skipped with one warning naming them."""
     path = os.path.join(workdir, METRICS_FILE)
     if not os.path.exists(path):
         return []
     records: dict[tuple, dict] = {}
+    skipped: list[int] = []
     with open(path) as f:
-        for line in f:
-            if line.strip():
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
                 r = json.loads(line)
-                records[(r.get("kind"), r.get("step"))] = r
+            except ValueError:
+                r = None
+            if not isinstance(r, dict):
+                skipped.append(number)
+                continue
+            records[(r.get("kind"), r.get("step"))] = r
+    if skipped:
+        print(f"warning: {path}: skipped {len(skipped)} line(s) that are not JSON records (line "
+              f"{', '.join(map(str, skipped[:5]))}{', …' if len(skipped) > 5 else ''})", file=sys.stderr)
     return sorted(records.values(), key=lambda r: (r.get("step", 0), r.get("kind", "")))
 
 
@@ -649,6 +697,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -
     spec = config_lib.model_spec(config)
     dataset = load_dataset_for(config)
     check_dataset_matches(spec, dataset)
+    check_step_count(config, len(dataset.train_labels))
     model = build_model(spec, rngs=nnx.Rngs(config.train.seed))
     _, metrics = fit(model, dataset, config, workdir, spec=spec)
     return {**metrics, "num_params": count_params(model), "dataset": dataset.name,

@@ -10,7 +10,12 @@ import numpy as np
 
 from oba_jax.graph import KINDS, ChannelGroup, GroupGraph
 
-__all__ = ["Selection", "prune_to_ops", "select_channels", "step_ratios"]
+__all__ = ["OutOfReachError", "Selection", "prune_to_ops", "select_channels", "step_ratios"]
+
+
+class OutOfReachError(ValueError):
+    """No plan the selection allows reaches the target ops ratio (every group at its floor is above it)."""
+
 
 Plan = dict[str, np.ndarray]
 
@@ -144,7 +149,7 @@ def prune_to_ops(graph: GroupGraph, score_fn: Callable[[Plan], Mapping[str, np.n
     plan, r = _refine(graph, score_fn(alive), alive, previous, 1.0, target_ops_ratio, selection, ratio_of, tolerance)
     ops = ratio_of(plan)
     if ops > target_ops_ratio + tolerance:
-        raise ValueError(f"ops ratio {target_ops_ratio} is out of reach: with every group at its floor "
+        raise OutOfReachError(f"ops ratio {target_ops_ratio} is out of reach: with every group at its floor "
                          f"(max_pruning_ratio={selection.max_pruning_ratio}, kinds={selection.kinds}) the ops ratio is "
                          f"{ops:.3f}; allow more kinds or a higher max_pruning_ratio, or aim higher")
     history.append({"step": len(history) + 1, "channel_ratio": r, "ops_ratio": ops,
