@@ -35,7 +35,7 @@ SCORE_SUBCOMMAND_GONE = (
     "--config.prune.score_parts=true --config.prune.first_order=true]")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, owns_process: bool = False) -> int:
     from oba_jax.experiment.cli import run_cli
     argv = sys.argv[1:] if argv is None else argv
 
@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         print(pipeline.table(report))
         print(f"report: {os.path.join(workdir, pipelines.REPORT_FILE)}")
         return 0
-    return run_cli("prune.py", body)
+    return run_cli("prune.py", body, owns_process=owns_process)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(owns_process=True))

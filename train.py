@@ -31,7 +31,7 @@ def result_table(config, metrics: dict) -> str:
     return "\n".join([line] + [f"{k.ljust(width)} | {v}" for k, v in rows] + [line])
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], *, owns_process: bool = False) -> int:
     from oba_jax.experiment.cli import run_cli
 
     def body(session) -> int:
@@ -46,8 +46,8 @@ def main(argv: list[str]) -> int:
             metrics = train_lib.train_and_evaluate(config, workdir)
         print(result_table(config, metrics))
         return 0
-    return run_cli("train.py", body)
+    return run_cli("train.py", body, owns_process=owns_process)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:], owns_process=True))

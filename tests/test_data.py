@@ -192,6 +192,35 @@ def test_cifar10_binary_extracted(tmp_path):
     assert_dataset(data.load_dataset("cifar10", str(tmp_path)), *expected(train, test))
 
 
+@pytest.mark.parametrize("form", ["binary", "python"])
+def test_labels_outside_the_classes_are_a_corrupt_file(tmp_path, form):
+    """Labels are data: the landed main loaded CIFAR-10 batches labelled 57 and scored 100% test top-1 on them."""
+    train, test = make_cifar("cifar10", seed=2)
+    test = (test[0], np.where(np.arange(len(test[1])) == 1, 57, test[1]).astype(np.int32))
+    if form == "binary":
+        files = cifar10_binary_files(train, test)
+    else:
+        files = {f"cifar-10-batches-py/data_batch_{i + 1}": python_batch(*train[i], b"labels") for i in range(5)}
+        files["cifar-10-batches-py/test_batch"] = python_batch(*test, b"labels")
+    for name, payload in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(payload)
+    with pytest.raises(data.CorruptDatasetError, match=r"test_batch(\.bin)?: 1 of 4 labels are outside \[0, 10\) "
+                                                       r"\(values 57\)"):
+        data.load_dataset("cifar10", str(tmp_path))
+
+
+def test_fashion_labels_and_image_dims_are_checked(tmp_path):
+    write_fashion(tmp_path / "a", compress=False)
+    (tmp_path / "a" / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.array([1, 2, 200, 3, 255])))
+    with pytest.raises(data.CorruptDatasetError, match=r"t10k-labels-idx1-ubyte: 2 of 5 labels .* \(values 200, 255\)"):
+        data.load_dataset("fashion_mnist", str(tmp_path / "a"))
+    write_fashion(tmp_path / "b", compress=False)
+    (tmp_path / "b" / "train-images-idx3-ubyte").write_bytes(idx_bytes(np.zeros((7, 14, 56))))
+    with pytest.raises(data.CorruptDatasetError, match=r"train-images-idx3-ubyte: images of shape \(14, 56\)"):
+        data.load_dataset("fashion_mnist", str(tmp_path / "b"))
+
+
 def test_cifar10_pixel_layout(tmp_path):
     """One hand-built record: label 7, red channel 1s, green 2s, blue 3s, except pixel (row 0, col 1)."""
     img = np.zeros((32, 32, 3), np.uint8) + np.array([1, 2, 3], np.uint8)

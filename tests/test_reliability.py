@@ -88,6 +88,11 @@ def test_bad_values_are_status_2_before_anything_runs(config_file, tmp_path, cap
     assert not (tmp_path / "w" / "dense").exists()
 
 
+def test_a_config_file_need_not_end_in_py(config_file):
+    config = config_lib.load_config_file(config_file(name="experiment.cfg"))   # spec_from_file_location: None
+    assert config.model.family == "mlp"
+
+
 def test_compare_only_matters_in_unstructured_mode_and_runs_each_method_once():
     config = config_lib.load_config(os.path.join(ROOT, "configs", "fashion_mnist.py"),
                                     [("prune.importance", "magnitude")], num_devices=1)
@@ -183,6 +188,26 @@ def test_an_interrupted_score_run_does_not_promise_a_resume(capsys):
     assert cli.run_cli("prune.py", body) == cli.INTERRUPTED
     err = capsys.readouterr().err
     assert "interrupted" in err and "resume" not in err
+
+
+def test_a_cli_called_from_other_code_never_ends_the_process(capsys):
+    """`run_cli` leaves with os._exit when non-daemon threads (orbax's, after a failed write) would hold the
+    process: right for the CLI's own process, fatal for a test runner or notebook that calls main() (it ended
+    this suite's worker whenever some library had a non-daemon thread alive)."""
+    import threading
+    release = threading.Event()
+    holder = threading.Thread(target=release.wait, daemon=False)
+    holder.start()
+    try:
+        def body(session):
+            raise config_lib.ConfigError("config.x: bad")
+        previous = signal.getsignal(signal.SIGINT)
+        assert cli.run_cli("prune.py", body) == 2
+        assert signal.getsignal(signal.SIGINT) is previous      # handlers are the program's business
+    finally:
+        release.set()
+        holder.join()
+    assert "config.x: bad" in capsys.readouterr().err
 
 
 def _wait_for_a_checkpoint(workdir, proc, seconds=120):

@@ -133,12 +133,18 @@ def _stop_on(signum: int, frame: Any) -> None:
     raise err
 
 
-def run_cli(prog: str, body: Callable[[Session], int]) -> int:
-    """`body(session)`'s exit status, or the status of the user error it raised (message on stderr)."""
+def run_cli(prog: str, body: Callable[[Session], int], *, owns_process: bool = False) -> int:
+    """`body(session)`'s exit status, or the status of the user error it raised (message on stderr).
+
+    `owns_process`: the CLI is the program (its `__main__`), so it may take over SIGINT / SIGTERM and leave
+    at once (`os._exit`) when orbax's threads would hold the process after a failed write. A call from
+    other code (a test, a notebook) gets the statuses and messages, but keeps its signal handlers and is
+    never ended under it."""
     _install_process_hooks()
     session = Session()
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.signal(s, _stop_on) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    takes_signals = owns_process and threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, _stop_on) for s in (signal.SIGINT, signal.SIGTERM)} if takes_signals else {}
+    leave = _exit_now_if_stuck if owns_process else (lambda status: None)
     signalled = False
     try:
         return body(session)
@@ -150,13 +156,13 @@ def run_cli(prog: str, body: Callable[[Session], int]) -> int:
                 else "nothing was written; re-run the command to start again")
         print(f"{prog}: {what}; {then}", file=sys.stderr)
         status = TERMINATED if terminated else INTERRUPTED
-        _exit_now_if_stuck(status)
+        leave(status)
         return status
     except tuple(kind for kind, _, _ in EXIT_STATUSES) as err:
         for kind, status, label in EXIT_STATUSES:
             if isinstance(err, kind):
                 print(f"{prog}: {label}: {_describe(err)}", file=sys.stderr)
-                _exit_now_if_stuck(status)
+                leave(status)
                 return status
         raise
     except Exception as err:
@@ -164,7 +170,7 @@ def run_cli(prog: str, body: Callable[[Session], int]) -> int:
             raise
         print(f"{prog}: out of memory: {_first_line(err).rstrip('.')}; {_memory_advice(prog, session.config)}",
               file=sys.stderr)
-        _exit_now_if_stuck(OUT_OF_MEMORY)
+        leave(OUT_OF_MEMORY)
         return OUT_OF_MEMORY
     finally:
         warnings.showwarning = _default_show

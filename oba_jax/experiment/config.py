@@ -10,6 +10,7 @@ Every error is a :class:`ConfigError` whose message names the offending key.
 from __future__ import annotations
 
 import ast
+import importlib.machinery
 import importlib.util
 import inspect
 import math
@@ -35,7 +36,9 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
     """Imports the Python file at ``path`` and returns its ``get_config()``."""
     if not os.path.isfile(path):
         raise ConfigError(f"--config: no such config file {path!r}")
-    spec = importlib.util.spec_from_file_location(f"_oba_config_{abs(hash(path))}", path)
+    # the loader named explicitly: a config file need not end in .py (spec_from_file_location gives None then)
+    name = f"_oba_config_{abs(hash(path))}"
+    spec = importlib.util.spec_from_loader(name, importlib.machinery.SourceFileLoader(name, path))
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)  # type: ignore[union-attr]

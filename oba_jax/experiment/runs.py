@@ -67,11 +67,17 @@ class Start:
         """`manifest.claim_stage` of a stage of kind `stage` that starts from `start` (default: the dense model;
         `start_from` says where it came from) with `inputs` beyond the config's; True when the directory holds
         its work already."""
-        start_digest = self.dense_digest if start is None else model_digest(nnx.state(start))
+        start_digest = self.dense_digest if start is None else _values_digest(start)
         manifest = Manifest(stage, {**config_inputs(config, stage), **inputs, "dense_model": self.dense_digest,
                                     "start_model": start_digest},
                             {"dense_model": self.source, "start_model": start_from or self.source})
         return claim_stage(directory, manifest, overwrite=bool(config.get("overwrite", False)))
+
+
+def _values_digest(model: nnx.Module) -> str:
+    """The digest of what training changes (parameters, BatchNorm statistics): RNG state and the like are not
+    part of a model's identity (and a key array has no bytes to hash)."""
+    return model_digest(training.split_model(model)[1:])
 
 
 def model_outline(config: ml_collections.ConfigDict) -> nnx.Module:
@@ -105,7 +111,7 @@ def start(config: ml_collections.ConfigDict, workdir: str,
     if check is not None:
         check(model_outline(config), batches[0][0][:1])
     dense, source = dense_model(config, workdir)
-    return Start(dataset, dense, source, batches, model_digest(nnx.state(dense)))
+    return Start(dataset, dense, source, batches, _values_digest(dense))
 
 
 def score_batches(dataset, config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
