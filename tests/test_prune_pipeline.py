@@ -71,6 +71,13 @@ def test_iterative_continues_from_each_fine_tuned_model(tmp_path, oneshot):
     assert 0.69 <= first["ops_ratio"] <= 0.7 and 0.39 <= second["ops_ratio"] <= 0.4
     assert all(second["widths_before"][k] == first["widths_after"][k] for k in first["widths_after"])
     assert not (tmp_path / "dense").exists()
+    # a rerun reuses both stages: the second starts from the first's fine-tuned model, restored from its
+    # checkpoint, whose digest must equal that of the model the first run fine-tuned in memory
+    again = _prune(tmp_path, "--config.prune.mode=iterative", "--config.prune.ops_ratios=(0.7, 0.4)",
+                   f"--config.prune.pretrained={dense_run}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    rerun = json.loads((tmp_path / "report.json").read_text())["targets"]
+    assert [t["acc_finetuned"] for t in rerun] == [first["acc_finetuned"], second["acc_finetuned"]]
 
 
 @pytest.mark.parametrize("extra,status,message", [

@@ -20,7 +20,6 @@ from typing import Any, Sequence
 import ml_collections
 
 SCHEDULES = ("multistep", "cosine", "constant")
-PRUNE_MODES = ("oneshot", "iterative", "unstructured", "score")   # the registry: experiment/pipelines
 SCORE_DTYPES = ("float32", "float64")
 
 # Sections whose keys are free-form: model.spec are keyword arguments of models.make_spec (validated
@@ -340,7 +339,8 @@ def _validate_prune(config: ml_collections.ConfigDict) -> None:
     from oba_jax.scores import BN_MODES, METHODS
     from oba_jax.structured import NORMALIZERS
     p = lambda key: _get(config, f"prune.{key}")   # noqa: E731
-    _check(p("mode") in PRUNE_MODES, "prune.mode", f"must be one of {PRUNE_MODES}, got {p('mode')!r}")
+    from oba_jax.experiment.pipelines import PIPELINES   # deferred: the registry imports this module
+    _check(p("mode") in PIPELINES, "prune.mode", f"must be one of {tuple(PIPELINES)}, got {p('mode')!r}")
     _check(p("importance") in METHODS, "prune.importance", f"unknown method {p('importance')!r}; choose one of {METHODS}")
     _check(p("bn_mode") in BN_MODES, "prune.bn_mode", f"must be one of {BN_MODES}, got {p('bn_mode')!r}")
     _check(p("normalizer") in NORMALIZERS, "prune.normalizer",

@@ -60,7 +60,7 @@ class Start:
     dense: nnx.Module
     source: str                              # where the dense model came from
     batches: tuple[jax.Array, jax.Array]     # the scoring sample, stacked
-    dense_digest: str                        # `manifest.model_digest` of the dense model's state
+    dense_digest: str                        # `manifest.model_digest` of its parameters and BN statistics
 
     def claim(self, config: ml_collections.ConfigDict, directory: str, stage: str, start: nnx.Module | None = None,
               start_from: str = "", **inputs: Any) -> bool:

@@ -18,7 +18,7 @@ from types import ModuleType
 
 import ml_collections
 
-from oba_jax.experiment.config import PRUNE_MODES, ConfigError
+from oba_jax.experiment.config import ConfigError
 from oba_jax.experiment.pipelines import reports, score, structured, unstructured
 from oba_jax.experiment.pipelines.reports import REPORT_FILE, Report, load_report
 
@@ -46,7 +46,6 @@ PIPELINES: dict[str, Pipeline] = {
     "unstructured": _of("unstructured", unstructured, True),
     "score": _of("score", score, False),
 }
-assert tuple(PIPELINES) == PRUNE_MODES, "config.PRUNE_MODES (validation) and the registry name the same modes"
 
 
 def pipeline(mode: str) -> Pipeline:
