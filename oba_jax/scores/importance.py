@@ -15,6 +15,7 @@ from typing import Any
 import jax
 
 from oba_jax.graph import Analysis
+from oba_jax.paths import matches
 from oba_jax.program import Program
 from oba_jax.scores.baselines import fastoba_batch, taylor_batch
 from oba_jax.scores.oba import ObaSetup, oba_batch
@@ -47,7 +48,7 @@ class Method:
 
     def scored(self, ctx: MethodContext) -> tuple[int, ...]:
         """The leaves this method scores (the rest get zeros)."""
-        return ctx.analysis.theta if self.needs_analysis else ctx.float_idx
+        return ctx.analysis.theta if self.needs_analysis else _varied(ctx)
 
     def resolve(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """The method's options with defaults filled in; a clear error for one it does not take."""
@@ -80,7 +81,14 @@ def _oba(ctx: MethodContext) -> BatchFn:
 
 
 def _baseline(batch: Callable) -> Callable[[MethodContext], BatchFn]:
-    return lambda ctx: functools.partial(batch, ctx.program, ctx.loss, ctx.float_idx)
+    return lambda ctx: functools.partial(batch, ctx.program, ctx.loss, _varied(ctx))
+
+
+def _varied(ctx: MethodContext) -> tuple[int, ...]:
+    """The float leaves a baseline differentiates in: all but the `exclude`d ones (held fixed, scored 0).
+    For fastoba this is the direction of Hθ, so a leaf in it changes every other leaf's score."""
+    exclude = ctx.options.get("exclude", ())
+    return tuple(i for i in ctx.float_idx if not matches(ctx.program.paths[i], exclude))
 
 
 IMPORTANCE: Mapping[str, Method] = MappingProxyType({
@@ -89,8 +97,9 @@ IMPORTANCE: Mapping[str, Method] = MappingProxyType({
         options=MappingProxyType({"parts": False, "first_order": False, "upward_delta": 1.0,
                                   "downward_delta": 1.0, "parallel_delta": 1.0, "exclude": ()}),
         needs_analysis=True, build=_oba),
-    "fastoba": Method("fastoba", "θ ⊙ Hθ with the full Hessian over all parameters (not OBA)",
-                      build=_baseline(fastoba_batch)),
+    "fastoba": Method("fastoba", "θ ⊙ Hθ with the full Hessian over all parameters (not OBA); `exclude`: leaves "
+                                 "held fixed (not in θ)",
+                      options=MappingProxyType({"exclude": ()}), build=_baseline(fastoba_batch)),
     "taylor": Method("taylor", "θ ⊙ ∂L/∂θ", build=_baseline(taylor_batch)),
     "magnitude": Method("magnitude", "|θ|", needs_data=False),
     "random": Method("random", "seeded uniform numbers", options=MappingProxyType({"seed": 0}), needs_data=False),
