@@ -91,17 +91,8 @@ def config_file(r: Runner, name: str, text: str) -> str:
     return path
 
 
-MLP = '''from oba_jax.experiment.config import default_sections
-def get_config():
-    c = default_sections()
-    c.model.family = "mlp"
-    c.model.spec.image_shape = (8, 8, 1)
-    c.model.spec.hidden = (16,)
-    c.data.synthetic.update(num_train=64, num_test=32, image_shape=(8, 8, 1))
-    c.train.update(batch_size=16, eval_batch_size=32, progress_bar=False)
-    c.prune.update(score_batches=1, score_batch_size=16)
-    return c
-'''
+# absolute: a --repo checkout without this config (the landed code, say) runs it too
+MLP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "synthetic_mlp.py")
 
 
 def signalled(r: Runner, args: list[str], ready: str, signals: list[int]) -> tuple[int, str]:
@@ -170,7 +161,7 @@ def cases(r: Runner):
 
     def mlp(*extra, prog="prune.py"):
         workdir = r.path("w_mlp_" + "_".join(e.split(".")[-1] for e in extra).replace("=", "-"))   # one per case
-        return lambda: r.run(prog, "--config", config_file(r, "mlp.py", MLP), "--workdir", workdir, *extra)
+        return lambda: r.run(prog, "--config", MLP, "--workdir", workdir, *extra)
 
     def round_to():
         two_dense()
@@ -183,12 +174,12 @@ def cases(r: Runner):
                      "--config.prune.importance=magnitude")
 
     def sigterm():
-        return signalled(r, ["train.py", "--config", config_file(r, "mlp.py", MLP), "--workdir", r.path("w_term"),
+        return signalled(r, ["train.py", "--config", MLP, "--workdir", r.path("w_term"),
                              "--config.train.epochs=100000", "--config.train.checkpoint_every_steps=20"],
                          r.path("w_term/checkpoints"), [signal.SIGTERM])
 
     def double_sigint():
-        return signalled(r, ["train.py", "--config", config_file(r, "mlp.py", MLP), "--workdir", r.path("w_int"),
+        return signalled(r, ["train.py", "--config", MLP, "--workdir", r.path("w_int"),
                              "--config.train.epochs=100000", "--config.train.checkpoint_every_steps=20"],
                          r.path("w_int/checkpoints"), [signal.SIGINT, signal.SIGINT])
 

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -22,18 +21,7 @@ from oba_jax.experiment import config as config_lib
 from oba_jax.experiment.training import MetricsLog, read_metrics, topk_correct
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MLP_CONFIG = '''
-from oba_jax.experiment.config import default_sections
-def get_config():
-    c = default_sections()
-    c.model.family = "mlp"
-    c.model.spec.image_shape = (8, 8, 1)
-    c.model.spec.hidden = (16,)
-    c.data.synthetic.update(num_train=64, num_test=32, image_shape=(8, 8, 1))
-    c.train.update(batch_size=16, eval_batch_size=32, progress_bar=False)
-    c.prune.update(score_batches=1, score_batch_size=16)
-    return c
-'''
+MLP_CONFIG = open(os.path.join(ROOT, "configs", "synthetic_mlp.py")).read()   # a tiny model in seconds
 
 
 @pytest.fixture
