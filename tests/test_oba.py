@@ -322,3 +322,54 @@ def test_fastoba_is_theta_hessian_theta_over_the_parameters_only(family, spec):
             scale = max(float(jnp.max(jnp.abs(e))) for e in jax.tree.leaves(expected))
             for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
                 np.testing.assert_allclose(g, e, rtol=0, atol=1e-8 * scale, err_msg=bn)
+
+
+def _bn(h):
+    """Train-mode BatchNorm without affine and with eps = 0: exactly invariant to scaling its input."""
+    return (h - h.mean(0)) * jax.lax.rsqrt(h.var(0))
+
+
+def test_oba_is_k_times_taylor_on_a_bn_chain_and_counts_paths_on_a_residual_net():
+    """README "When OBA is a multiple of Taylor": with no upstream tangent (train-mode BN after every layer
+    kills it: BN(c·u) = BN(u)), (H̃θ)_a = Σ over downstream layers b of the part of g_a carried through b.
+    A chain: k·θ·g, k = the layers downstream (3, 2, 1, 0). A residual sum whose paths hold 3 and 1 layers:
+    θ·(3·g_block + 1·g_skip), not a multiple of θ·g."""
+    with jax.enable_x64(True):
+        keys = jax.random.split(jax.random.key(0), 6)
+        sizes = (6, 8, 7, 5, 3)
+        params = {f"l{i}": jax.random.normal(keys[i], (sizes[i], sizes[i + 1])) / np.sqrt(sizes[i]) for i in range(4)}
+        x, y = jax.random.normal(keys[4], (16, 6)), jax.random.randint(keys[5], (16,), 0, 3)
+        skip = jax.random.normal(keys[5], (8, 5))
+
+        def chain(p, x):
+            for i in range(3):
+                x = jax.nn.relu(_bn(x @ p[f"l{i}"]))
+            return x @ p["l3"]
+
+        def residual(p, x, stop_block=False, stop_skip=False):
+            h = jax.nn.relu(_bn(x @ p["l0"]))
+            into_block = jax.lax.stop_gradient(h) if stop_block else h
+            into_skip = jax.lax.stop_gradient(h) if stop_skip else h
+            r = jax.nn.relu(_bn(into_block @ p["l1"]))
+            return jax.nn.relu(_bn(r @ p["l2"]) + into_skip @ skip) @ p["l3"]
+
+        def taylor(fn):
+            g = jax.grad(lambda p: softmax_cross_entropy(fn(p, x), y))(params)
+            return {k: params[k] * g[k] for k in params}
+
+        oba = score(chain, params, [(x, y)], "oba", dtype=jnp.float64).sum
+        tay = taylor(chain)
+        scale = max(float(jnp.max(jnp.abs(v))) for v in tay.values())
+        for k, layers_downstream in (("l0", 3), ("l1", 2), ("l2", 1), ("l3", 0)):
+            np.testing.assert_allclose(oba[k], layers_downstream * tay[k], rtol=0, atol=1e-12 * scale, err_msg=k)
+
+        oba = score(residual, params, [(x, y)], "oba", dtype=jnp.float64).sum
+        tay = taylor(residual)
+        block = taylor(lambda p, x: residual(p, x, stop_skip=True))["l0"]   # θ·g through the block (l1, l2, l3)
+        through_skip = taylor(lambda p, x: residual(p, x, stop_block=True))["l0"]  # through the skip (l3 only)
+        np.testing.assert_allclose(block + through_skip, tay["l0"], rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(oba["l0"], 3 * block + through_skip, rtol=0, atol=1e-12 * scale)
+        ratio = np.asarray(oba["l0"] / tay["l0"])
+        assert ratio.max() - ratio.min() > 1, "the residual sum makes OBA no multiple of Taylor"
+        for k, layers_downstream in (("l1", 2), ("l2", 1)):
+            np.testing.assert_allclose(oba[k], layers_downstream * tay[k], rtol=0, atol=1e-12 * scale, err_msg=k)
