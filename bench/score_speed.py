@@ -100,9 +100,6 @@ def user_resnet(widths=(32, 64, 128), blocks=2, classes=10, seed=0):
     return apply_fn, params
 
 
-# The released implementation's cost (OBA_SPEC.md §10: 2-core CPU, torch CPU): fwd+bwd, OBA.
-AUTHORS = {"resnet32": (9.98, 193.1, 128), "vgg19": (1.55, 13.7, 64)}
-
 MODELS = {
     "resnet32": (lambda: models.make_spec("resnet_cifar", depth=32, width_multiplier=4), 128),
     "vgg19": (lambda: models.make_spec("vgg", cfg_name="vgg19"), 64),
@@ -258,9 +255,6 @@ def print_table(results: list[dict]) -> None:
             cols = [_fmt(r["gflop"], ".1f"), _fmt(r["gbytes"], ".1f"), _fmt(r["temp_mb"], ".0f")]
             print(f"| {name}, {batch} | {row} | {r['seconds']:.3f} | {' | '.join(ratios)} | {' | '.join(cols)} | "
                   f"{r['rss_mb']:.0f} |")
-        if name in AUTHORS and AUTHORS[name][2] == batch:
-            fb, oba, _ = AUTHORS[name]
-            print(f"| {name}, {batch} | authors (torch, §10): fwd+bwd / OBA | {fb} / {oba} | {oba / fb:.1f} | – | – | – | – | – | – |")
 
 
 def main(argv=None) -> None:
