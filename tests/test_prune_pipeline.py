@@ -113,6 +113,7 @@ def test_unstructured_mode_masks_reports_plots_and_a_checkpoint_with_the_masks(t
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["mode"] == "unstructured" and report["methods"] == ["oba", "magnitude"]
+    assert report["mask_forms"] == {"oba": "oba", "magnitude": "global"}     # each method in its standard form
     for method, r in report["results"].items():
         assert [pt["target_keep_ratio"] for pt in r["points"]] == [0.9, 0.5, 0.1]
         for pt in r["points"]:

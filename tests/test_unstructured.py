@@ -38,6 +38,28 @@ def test_importance_is_the_normalised_score_plus_magnitude():
         np.testing.assert_allclose(np.asarray(got), _numpy_importance(s[path], w[path], RESULT.count), rtol=1e-6)
 
 
+def test_baselines_mask_in_their_standard_form_and_oba_u_is_an_option():
+    """Global |w| for magnitude and global |θ·g| for taylor (the landed main put every method through OBA's
+    per-leaf normalised u + |w|, which is neither); form="oba" gives any method OBA's u."""
+    w = _flat(PARAMS)
+    grads = _flat(jax.grad(lambda p: oba_jax.softmax_cross_entropy(nets.mlp_apply(p, X), Y))(PARAMS))
+    for method, expected in (("magnitude", {k: np.abs(np.asarray(v, np.float64)) for k, v in w.items()}),
+                             ("taylor", {k: np.abs(np.asarray(w[k] * grads[k], np.float64)) for k in w})):
+        result = oba_jax.score(nets.mlp_apply, PARAMS, [(X, Y)] if method == "taylor" else None, method)
+        graph = oba_jax.connectivity(nets.mlp_apply, PARAMS, X)
+        masks = _flat(oba_jax.unstructured_masks(result, PARAMS, keep_ratio=0.3, graph=graph))
+        values = np.concatenate([expected[k].ravel() for k in sorted(expected)])
+        threshold = np.sort(values)[::-1][int(round(0.3 * values.size)) - 1]
+        for k in expected:     # kept iff at or above the global 30% threshold (no ties in random floats)
+            np.testing.assert_array_equal(np.asarray(masks[k]), expected[k] >= threshold * (1 - 1e-6), err_msg=method)
+        u = importance_of(result, PARAMS, graph=graph, form="oba")
+        s = _flat(result.sum)
+        for k in u:
+            np.testing.assert_allclose(np.asarray(u[k]), _numpy_importance(s[k], w[k], result.count), rtol=1e-6)
+    with pytest.raises(ValueError, match="form='u'"):
+        importance_of(RESULT, PARAMS, form="u")
+
+
 @pytest.mark.parametrize("keep", [0.05, 0.3, 0.5, 1.0])
 def test_one_global_threshold_keeps_the_exact_count(keep):
     masks = oba_jax.unstructured_masks(RESULT, PARAMS, keep_ratio=keep)

@@ -397,6 +397,9 @@ def _validate_unstructured(config: ml_collections.ConfigDict) -> None:
     for key in ("exclude", "n_m_exclude"):
         _check(isinstance(p(key), tuple) and all(isinstance(x, str) for x in p(key)), f"prune.{key}",
                "must be a tuple of parameter paths or prefixes")
+    from oba_jax.unstructured import MASK_FORMS
+    _check(p("mask_form") is None or p("mask_form") in MASK_FORMS, "prune.mask_form",
+           f"must be None (each method's own) or one of {MASK_FORMS}, got {p('mask_form')!r}")
     compare = p("compare")
     # prune.importance in compare is not an error: it runs once (`unstructured_methods`), and structured modes
     # ignore compare (the shipped Fashion-MNIST config compares with magnitude, so importance=magnitude is common)
@@ -473,6 +476,9 @@ def prune_section(**overrides: Any) -> ml_collections.ConfigDict:
         "keep_ratio": 0.1, "report_keep_ratios": (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1),
         "unstructured_steps": 49, "n_m": ml_collections.FieldReference(None, field_type=tuple), "exclude": (),
         "n_m_exclude": (), "compare": (),
+        # how scores become per-weight importance for masks: None, each method's standard form (OBA: the
+        # authors' normalised u; baselines: their own global |score|), or "oba" / "global" for every method
+        "mask_form": ml_collections.FieldReference(None, field_type=str),
         # mode="score": the scores of the dense model in WORKDIR/scores_<importance>; OBA's parts
         # (upward/downward/parallel) and first-order term on request
         "score_dtype": "float32", "score_parts": False, "first_order": False,

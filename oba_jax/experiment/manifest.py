@@ -43,8 +43,9 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "structured": (*_FINETUNE, *_SCORES, "prune.mode", "prune.importance", "prune.normalizer", "prune.steps",
                    "prune.final_ratio", "prune.global_pruning", "prune.max_pruning_ratio", "prune.round_to",
                    "prune.kinds", "prune.ignored_layers", "prune.count_attention"),
-    "unstructured": (*_FINETUNE, *_SCORES, "prune.keep_ratio", "prune.unstructured_steps", "prune.exclude"),
-    "n_m": (*_FINETUNE, *_SCORES, "prune.n_m", "prune.exclude", "prune.n_m_exclude"),
+    "unstructured": (*_FINETUNE, *_SCORES, "prune.keep_ratio", "prune.unstructured_steps", "prune.exclude",
+                     "prune.mask_form"),
+    "n_m": (*_FINETUNE, *_SCORES, "prune.n_m", "prune.exclude", "prune.n_m_exclude", "prune.mask_form"),
 }
 
 

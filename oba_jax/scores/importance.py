@@ -45,6 +45,10 @@ class Method:
     needs_data: bool = True
     needs_analysis: bool = False
     build: Callable[[MethodContext], BatchFn] | None = None
+    # how unstructured masks turn the method's summed scores into per-weight importance
+    # (`oba_jax.unstructured.MASK_FORMS`): "oba", the authors' per-leaf normalised score plus |w|,
+    # or "global", the method's own |score| under one global threshold (global |w|, global |θ·g|)
+    mask_form: str = "global"
 
     def scored(self, ctx: MethodContext) -> tuple[int, ...]:
         """The leaves this method scores (the rest get zeros)."""
@@ -96,10 +100,10 @@ IMPORTANCE: Mapping[str, Method] = MappingProxyType({
         "oba", "θ ⊙ H̃θ with OBA's Hessian (series and parallel products only), θ = layer weights and biases",
         options=MappingProxyType({"parts": False, "first_order": False, "upward_delta": 1.0,
                                   "downward_delta": 1.0, "parallel_delta": 1.0, "exclude": ()}),
-        needs_analysis=True, build=_oba),
+        needs_analysis=True, build=_oba, mask_form="oba"),
     "fastoba": Method("fastoba", "θ ⊙ Hθ with the full Hessian over all parameters (not OBA); `exclude`: leaves "
                                  "held fixed (not in θ)",
-                      options=MappingProxyType({"exclude": ()}), build=_baseline(fastoba_batch)),
+                      options=MappingProxyType({"exclude": ()}), build=_baseline(fastoba_batch), mask_form="oba"),
     "taylor": Method("taylor", "θ ⊙ ∂L/∂θ", build=_baseline(taylor_batch)),
     "magnitude": Method("magnitude", "|θ|", needs_data=False),
     "random": Method("random", "seeded uniform numbers", options=MappingProxyType({"seed": 0}), needs_data=False),

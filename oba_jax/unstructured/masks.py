@@ -1,8 +1,12 @@
 """Unstructured and N:M masks from importance scores (OBA_SPEC.md §6).
 
-Per-weight importance of a layer leaf: `u = a / (max(a) + 1e-6) + |w|` with `a = |Σ s| / count` (the
-per-leaf max normaliser of the authors' code, weights and biases separately; `|w|` is a floor for
-weights whose OBA score is ≈ 0). One global threshold over every Conv/Dense weight and bias (the
+Per-weight importance of a layer leaf, with `a = |Σ s| / count`, in one of two forms (`MASK_FORMS`; each
+method's registry entry names its standard one, `form=` picks either for any method):
+- "oba" (OBA and fastoba, as the authors): `u = a / (max(a) + 1e-6) + |w|`, the per-leaf max normaliser of
+  the authors' code (weights and biases separately), `|w|` a floor for weights whose OBA score is ≈ 0;
+- "global" (taylor, magnitude, random): `a` itself, so magnitude is global |w| and taylor global |θ·g|.
+  Through OBA's `u` a baseline is no longer itself (magnitude lost 30 points at keep 0.3 that way).
+One global threshold over every Conv/Dense weight and bias (the
 classifier included): the `keep_ratio · n` entries of largest `u` are kept, ties broken towards the
 lower position in the flattening order of `params`, so the count is exact and the mask deterministic.
 Leaves that are not layer weights or biases (norms, embeddings, class tokens) and excluded leaves are
@@ -26,8 +30,9 @@ import numpy as np
 
 from oba_jax.graph import Connectivity
 from oba_jax.paths import leaf_paths, matches
+from oba_jax.scores import get_method
 
-__all__ = ["apply_masks", "check_masks", "global_masks", "importance_of", "mask_sparsity", "masks_like", "n_m_masks",
+__all__ = ["MASK_FORMS", "apply_masks", "check_masks", "global_masks", "importance_of", "mask_sparsity", "masks_like", "n_m_masks",
            "scored_leaves", "unstructured_masks"]
 
 EPS = 1e-6
@@ -96,19 +101,30 @@ def scored_leaves(graph: Connectivity, exclude: Sequence[str] = ()) -> tuple[str
     return tuple(p for p in graph.scored_leaves if not matches(p, exclude))
 
 
-@jax.jit
-def _importance(sums: list[jax.Array], count: jax.Array, weights: list[jax.Array]) -> list[jax.Array]:
+def _mean_abs(s: jax.Array, w: jax.Array, count: jax.Array) -> tuple[jax.Array, Any]:
+    dtype = jnp.result_type(s, w, jnp.float32)   # float64 when either is (the authors compute u so)
+    return jnp.abs(s.astype(dtype)) / count, dtype
+
+
+@functools.partial(jax.jit, static_argnames="form")
+def _importance(sums: list[jax.Array], count: jax.Array, weights: list[jax.Array], form: str) -> list[jax.Array]:
     out = []
     for s, w in zip(sums, weights):
-        dtype = jnp.result_type(s, w, jnp.float32)   # float64 when either is (the authors compute u so)
-        a = jnp.abs(s.astype(dtype)) / count
-        out.append(a / (jnp.max(a) + EPS) + jnp.abs(w.astype(dtype)))
+        a, dtype = _mean_abs(s, w, count)
+        out.append(a / (jnp.max(a) + EPS) + jnp.abs(w.astype(dtype)) if form == "oba" else a)
     return out
 
 
+MASK_FORMS = ("oba", "global")
+
+
 def importance_of(result: Any, params: Any, *, graph: Connectivity | None = None,
-                  exclude: Sequence[str] = ()) -> dict[str, jax.Array]:
-    """`{leaf path: u}` for the scored leaves (see the module docstring) of a `ScoreResult` of `params`."""
+                  exclude: Sequence[str] = (), form: str | None = None) -> dict[str, jax.Array]:
+    """`{leaf path: importance}` for the scored leaves of a `ScoreResult` of `params`, in `form` (one of
+    `MASK_FORMS`; None: the standard form of the result's method, see the module docstring)."""
+    form = get_method(result.method).mask_form if form is None else form
+    if form not in MASK_FORMS:
+        raise ValueError(f"form={form!r}: choose one of {MASK_FORMS} (None: the method's own)")
     graph = _graph_of(result, graph)
     _check_result(result, params, graph)
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
@@ -120,7 +136,7 @@ def importance_of(result: Any, params: Any, *, graph: Connectivity | None = None
         raise ValueError("nothing to mask: every layer weight and bias is excluded")
     s_by = dict(zip(leaf_paths(result.sum), jax.tree_util.tree_leaves(result.sum)))
     w_by = dict(zip(leaf_paths(params), jax.tree_util.tree_leaves(params)))
-    values = _importance([s_by[p] for p in keep], result.count, [w_by[p] for p in keep])
+    values = _importance([s_by[p] for p in keep], result.count, [w_by[p] for p in keep], form)
     finite = jax.device_get([jnp.all(jnp.isfinite(v)) for v in values])
     bad = [p for p, ok in zip(keep, finite) if not ok]
     if bad:
@@ -218,13 +234,15 @@ def n_m_masks(importance: Mapping[str, jax.Array], graph: Connectivity, n_m: tup
 
 
 def unstructured_masks(result: Any, params: Any, keep_ratio: float | None = 0.1, exclude: Sequence[str] = (),
-                       n_m: tuple[int, int] | None = None, *, graph: Connectivity | None = None) -> Any:
+                       n_m: tuple[int, int] | None = None, *, graph: Connectivity | None = None,
+                       form: str | None = None) -> Any:
     """Masks (bool pytree like `params`, True = kept) from any importance method's `ScoreResult` of `params`.
 
     `keep_ratio`: the kept fraction of the scored entries (every Conv/Dense weight and bias, the classifier
     included, minus `exclude`: leaf paths or prefixes) under one global threshold. `n_m=(N, M)`: N:M
     masks instead (then `keep_ratio` must be None, its default, or N/M). `graph`: the connectivity map,
-    needed only when the result carries none (data-free methods such as magnitude).
+    needed only when the result carries none (data-free methods such as magnitude). `form`: how scores
+    become importance (`importance_of`; None: the method's standard form).
     """
     if n_m is not None:
         n, m = check_n_m(n_m)
@@ -234,7 +252,7 @@ def unstructured_masks(result: Any, params: Any, keep_ratio: float | None = 0.1,
     else:
         keep_ratio = check_keep_ratio(keep_ratio)
     graph = _graph_of(result, graph)
-    importance = importance_of(result, params, graph=graph, exclude=exclude)
+    importance = importance_of(result, params, graph=graph, exclude=exclude, form=form)
     chosen = n_m_masks(importance, graph, n_m) if n_m is not None else global_masks(importance, keep_ratio)
     return masks_like(params, chosen)
 

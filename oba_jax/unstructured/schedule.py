@@ -50,11 +50,12 @@ def _add(a: Any, b: Any) -> Any:
 
 def progressive_masks(score_fn: ScoreFn, params: Any, keep_ratio: float, *, graph: Connectivity, steps: int = 49,
                       exclude: Sequence[str] = (), report_ratios: Sequence[float] = (),
-                      on_step: Callable[[dict], None] | None = None) -> Schedule:
+                      on_step: Callable[[dict], None] | None = None, form: str | None = None) -> Schedule:
     """The progressive schedule down to `keep_ratio` (see the module docstring).
 
     `score_fn(masked params) -> ScoreResult` is called once per step (build one `oba_jax.scorer` and
-    close over its batches, so every step runs the same compiled program).
+    close over its batches, so every step runs the same compiled program). `form`: how the accumulated
+    scores become importance (`importance_of`; None: the method's standard form).
     """
     fractions = keep_fractions(keep_ratio, steps)
     for r in report_ratios:
@@ -67,7 +68,7 @@ def progressive_masks(score_fn: ScoreFn, params: Any, keep_ratio: float, *, grap
         result = score_fn(masked)
         total = result if total is None else dataclasses.replace(
             total, sum=_add(total.sum, result.sum), count=total.count + result.count, parts=None)
-        importance = importance_of(total, masked, graph=graph, exclude=exclude)
+        importance = importance_of(total, masked, graph=graph, exclude=exclude, form=form)
         previous = allowed
         while pending and pending[0] >= fraction:
             r = pending.pop(0)

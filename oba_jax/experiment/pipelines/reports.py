@@ -154,6 +154,7 @@ class UnstructuredReport:
     acc_dense: float
     scored_leaves: tuple[str, ...]
     results: dict[str, MethodResult]
+    mask_forms: dict[str, str]     # per method, how its scores became importance (`unstructured.MASK_FORMS`)
 
 
 # ----------------------------------------------------------------------------- score

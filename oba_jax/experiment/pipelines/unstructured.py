@@ -71,6 +71,7 @@ def _run_method(method: str, begin: runs.Start, params, graph, evaluate, config,
     try:
         schedule = progressive_masks(score_fn, params, p.keep_ratio, graph=graph, steps=p.unstructured_steps,
                                      exclude=tuple(p.exclude), report_ratios=tuple(p.report_keep_ratios),
+                                     form=p.mask_form,
                                      on_step=lambda record: (bar.set_postfix(keep=f"{record['keep_ratio']:.3f}"), bar.update(1)))
     finally:
         bar.close()
@@ -81,7 +82,8 @@ def _run_method(method: str, begin: runs.Start, params, graph, evaluate, config,
     if p.n_m is not None:
         exclude = tuple(p.exclude) + tuple(p.n_m_exclude)
         try:
-            nm = unstructured_masks(first[0], params, keep_ratio=None, n_m=tuple(p.n_m), exclude=exclude, graph=graph)
+            nm = unstructured_masks(first[0], params, keep_ratio=None, n_m=tuple(p.n_m), exclude=exclude, graph=graph,
+                                    form=p.mask_form)
         except ValueError as e:
             raise config_lib.ConfigError(f"config.prune.n_m: {e}") from None
         n_m = NMResult(pattern=f"{p.n_m[0]}:{p.n_m[1]}", **_sparsity_record(nm, leaves),
@@ -143,7 +145,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> UnstructuredReport:
         mode="unstructured", importance=p.importance, methods=methods, keep_ratio=p.keep_ratio,
         steps=p.unstructured_steps, score_batches=p.score_batches, score_batch_size=p.score_batch_size,
         bn_mode=p.bn_mode, exclude=tuple(p.exclude), dense_checkpoint=os.path.abspath(begin.source),
-        acc_dense=acc_dense, scored_leaves=tuple(scored_leaves(graph, tuple(p.exclude))), results=results)
+        acc_dense=acc_dense, scored_leaves=tuple(scored_leaves(graph, tuple(p.exclude))), results=results,
+        mask_forms={m: p.mask_form or get_method(m).mask_form for m in methods})
     return publish(report, workdir, plot, config.get("plot", {}).get("enabled", True))
 
 
@@ -217,5 +220,7 @@ def table(report: UnstructuredReport) -> str:
         if any(x and x.acc_finetuned is not None for x in nm):
             rows.append([f"{pattern} fine-tuned"] + [f"{100 * x.acc_finetuned:.2f}%"
                                                      if x and x.acc_finetuned is not None else "-" for x in nm])
+    forms = ", ".join(f"{m}: {f}" for m, f in report.mask_forms.items())
     return "\n".join(runs.text_table([header] + rows, f"unstructured pruning to keep ratio {report.keep_ratio:g}, "
-                                                      f"{report.steps} steps (test top-1 before fine-tuning)"))
+                                                      f"{report.steps} steps (test top-1 before fine-tuning; "
+                                                      f"importance {forms})"))
