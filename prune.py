@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None, *, owns_process: bool = False) -> int:
         from oba_jax.experiment import pipelines
         from oba_jax.experiment.lock import workdir_lock
         pipeline = pipelines.pipeline(config.prune.mode)
-        session.resumable = pipeline.resumable
+        # a mode that reuses nothing still resumes the dense training it starts with (no prune.pretrained)
+        session.resumable = pipeline.resumable or config.prune.pretrained is None
         with workdir_lock(workdir):
             report = pipeline.run(config, workdir)
         print(pipeline.table(report))
