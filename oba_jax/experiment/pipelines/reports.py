@@ -154,7 +154,8 @@ class UnstructuredReport:
     acc_dense: float
     scored_leaves: tuple[str, ...]
     results: dict[str, MethodResult]
-    mask_forms: dict[str, str]     # per method, how its scores became importance (`unstructured.MASK_FORMS`)
+    # per method, how its scores became importance (`unstructured.MASK_FORMS`); empty in reports written before
+    mask_forms: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- score
