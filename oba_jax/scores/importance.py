@@ -49,6 +49,9 @@ class Method:
     # (`oba_jax.unstructured.MASK_FORMS`): "oba", the authors' per-leaf normalised score plus |w|,
     # or "global", the method's own |score| under one global threshold (global |w|, global |θ·g|)
     mask_form: str = "global"
+    # whether one leaf's score depends on every leaf of θ (fastoba's Hθ): model state that is not a
+    # parameter (BatchNorm statistics) must then be held out of θ (`score_model` does, through `exclude`)
+    mixes_leaves: bool = False
 
     def scored(self, ctx: MethodContext) -> tuple[int, ...]:
         """The leaves this method scores (the rest get zeros)."""
@@ -103,7 +106,8 @@ IMPORTANCE: Mapping[str, Method] = MappingProxyType({
         needs_analysis=True, build=_oba, mask_form="oba"),
     "fastoba": Method("fastoba", "θ ⊙ Hθ with the full Hessian over all parameters (not OBA); `exclude`: leaves "
                                  "held fixed (not in θ)",
-                      options=MappingProxyType({"exclude": ()}), build=_baseline(fastoba_batch), mask_form="oba"),
+                      options=MappingProxyType({"exclude": ()}), build=_baseline(fastoba_batch), mask_form="oba",
+                      mixes_leaves=True),
     "taylor": Method("taylor", "θ ⊙ ∂L/∂θ", build=_baseline(taylor_batch)),
     "magnitude": Method("magnitude", "|θ|", needs_data=False),
     "random": Method("random", "seeded uniform numbers", options=MappingProxyType({"seed": 0}), needs_data=False),

@@ -10,6 +10,7 @@ from flax import nnx
 
 from oba_jax.graph import Connectivity, connectivity
 from oba_jax.nnx_model import ModelState, merge, split
+from oba_jax.scores.importance import get_method
 from oba_jax.scores.scoring import ScoreResult, score, scorer
 
 __all__ = ["BN_MODES", "model_apply", "model_connectivity", "model_scorer", "score_model"]
@@ -60,9 +61,10 @@ _NOT_PARAMETERS = ("batch_stats", "rest")
 
 
 def _parameters_only(method: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """fastoba's θ is the model's parameters: BatchNorm running statistics (eval mode reads them) and other
-    state are not in the direction (they were, and the eval-mode scores were off by 22% of the largest)."""
-    if method != "fastoba":
+    """θ is the model's parameters: for a method whose scores mix leaves (fastoba's Hθ), BatchNorm running
+    statistics (eval mode reads them) and other state are held out of the direction (they were not, and
+    eval-mode fastoba was off by 22% of the largest score)."""
+    if not get_method(method).mixes_leaves:
         return kwargs
     exclude = kwargs.get("exclude", ())
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)

@@ -199,10 +199,11 @@ def write_report(report: Report, workdir: str) -> str:
     return path
 
 
-def publish(report: Report, workdir: str, plot: Callable[[Report, str], list[str]], plots: bool = True) -> Report:
-    """What every pipeline ends with: the report written, then its plots (unless `plot.enabled` is false)."""
+def publish(report: Report, workdir: str, plot: Callable[[Report, str], list[str]], config: Any) -> Report:
+    """What every pipeline ends with: the report written, then its plots (unless `config.plot.enabled` is
+    false)."""
     write_report(report, workdir)
-    if plots:
+    if config.get("plot", {}).get("enabled", True):
         plot(report, workdir)
     return report
 

@@ -75,7 +75,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> ScoreReport:
         per_leaf_abs_mean={k: float(np.abs(arrays[f"sum/{k}"]).mean() / result.count) for k in sums},
         layers=None if result.graph is None else len(result.graph.layers),
         parallel_products=None if result.graph is None else len(result.graph.parallel))
-    return publish(report, workdir, plot, config.get("plot", {}).get("enabled", True))
+    return publish(report, workdir, plot, config)
 
 
 def plot(report: ScoreReport, workdir: str) -> list[str]:

@@ -180,7 +180,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> StructuredReport:
     report = StructuredReport(mode=p.mode, importance=p.importance, bn_mode=p.bn_mode,
                               dense_checkpoint=os.path.abspath(source), macs_per_image=True,
                               count_attention=p.count_attention, targets=tuple(results))
-    return publish(report, workdir, plot, config.get("plot", {}).get("enabled", True))
+    return publish(report, workdir, plot, config)
 
 
 def _spec_dict(model: nnx.Module) -> Any:

@@ -147,7 +147,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> UnstructuredReport:
         bn_mode=p.bn_mode, exclude=tuple(p.exclude), dense_checkpoint=os.path.abspath(begin.source),
         acc_dense=acc_dense, scored_leaves=tuple(scored_leaves(graph, tuple(p.exclude))), results=results,
         mask_forms={m: p.mask_form or get_method(m).mask_form for m in methods})
-    return publish(report, workdir, plot, config.get("plot", {}).get("enabled", True))
+    return publish(report, workdir, plot, config)
 
 
 def plot(report: UnstructuredReport, workdir: str) -> list[str]:
