@@ -373,11 +373,12 @@ def _validate_prune(config: ml_collections.ConfigDict) -> None:
     _check(pretrained is None or isinstance(pretrained, str), "prune.pretrained", "must be None or a train.py workdir")
     _check(_is_int(p("seed")), "prune.seed", "must be an int")
     _check(p("score_dtype") in SCORE_DTYPES, "prune.score_dtype", f"must be one of {SCORE_DTYPES}, got {p('score_dtype')!r}")
-    for key in ("score_parts", "first_order"):
+    from oba_jax.scores import get_method
+    method_options = get_method(p("importance")).options
+    for key, option in (("score_parts", "parts"), ("first_order", "first_order")):   # key -> the method's option
         _check(isinstance(p(key), bool), f"prune.{key}", "must be true/false")
-    for key in ("score_parts", "first_order"):
-        _check(p("importance") == "oba" or not p(key), f"prune.{key}",
-               f"is an option of importance oba, not of {p('importance')!r}")
+        _check(not p(key) or option in method_options, f"prune.{key}",
+               f"is no option of importance {p('importance')!r} (its options: {sorted(method_options) or 'none'})")
     _validate_unstructured(config)
 
 

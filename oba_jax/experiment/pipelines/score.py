@@ -22,7 +22,7 @@ import numpy as np
 
 from oba_jax.experiment import runs
 from oba_jax.experiment.pipelines.reports import ScoreReport, publish
-from oba_jax.scores import channel_scores, score_model
+from oba_jax.scores import channel_scores, get_method, score_model
 
 __all__ = ["plot", "run", "table"]
 
@@ -45,7 +45,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> ScoreReport:
     out = os.path.join(workdir, f"scores_{p.importance}")
     float64 = p.score_dtype == "float64"
     batches = list(zip(*(jnp.asarray(a) for a in begin.batches)))
-    options = {"parts": p.score_parts, "first_order": p.first_order} if p.importance == "oba" else {}
+    taken = get_method(p.importance).options      # validation refused a set key the method does not take
+    options = {k: v for k, v in (("parts", p.score_parts), ("first_order", p.first_order)) if k in taken}
     with jax.enable_x64(float64):
         bar = progress_bar(len(batches), f"{p.importance} scores", "batch")
         start = time.perf_counter()
