@@ -284,3 +284,33 @@ def test_reading_a_checkpoint_leaves_the_interpreters_hooks_alone(tmp_path):
     ckpt_lib.restore_model(str(tmp_path))
     assert sys.unraisablehook is hook
     assert filters == {name: list(logging.getLogger(name).filters) for name in filters}
+
+
+def test_an_interrupt_inside_a_checkpoint_save_stays_an_interrupt(tmp_path, monkeypatch):
+    """A signal landing inside orbax's save, before its writer thread starts, made the manager's close raise
+    "cannot join thread before it is started", which replaced the KeyboardInterrupt with a traceback (seen once
+    in a fresh-clone CI run of the SIGTERM test)."""
+    from flax import nnx
+    from models import build_model
+    from oba_jax.experiment import checkpoint as ckpt_lib, training
+    config = config_lib.load_config(os.path.join(ROOT, "configs", "synthetic_mlp.py"),
+                                    [("train.checkpoint_every_steps", "2")], num_devices=1)
+    make_manager = ckpt_lib.make_manager
+
+    def broken_manager(workdir):
+        manager = make_manager(workdir)
+        real_close = manager.close
+
+        def close():
+            real_close()
+            raise RuntimeError("cannot join thread before it is started")
+        manager.close = close
+        return manager
+
+    def interrupted_save(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ckpt_lib, "make_manager", broken_manager)
+    monkeypatch.setattr(ckpt_lib, "save_state", interrupted_save)
+    model = build_model(config_lib.model_spec(config), rngs=nnx.Rngs(0))
+    with pytest.raises(KeyboardInterrupt):
+        training.fit(model, training.load_dataset_for(config), config, str(tmp_path))

@@ -19,6 +19,7 @@ Entry points: :func:`train_and_evaluate` (config + workdir, what ``train.py`` ca
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -569,10 +570,18 @@ def _fit(model: nnx.Module, dataset, config: ml_collections.ConfigDict, workdir:
                   "model", file=sys.stderr)
         outputs = _Outputs(workdir, manager, log, spec, last_saved,
                            wall=lambda: elapsed_before + time.time() - t_start)   # wall time summed over resumes
-        return _run(trainer, state, start, end, parts, config, outputs)
-    finally:
+        result = _run(trainer, state, start, end, parts, config, outputs)
+    except BaseException:
         if manager is not None:
-            manager.close()
+            # a signal can land inside orbax's save, between creating its writer thread and starting it; closing
+            # then raises "cannot join thread before it is started", which would replace the interrupt (or the
+            # error) in flight with a traceback. The checkpoints already on disk are complete either way.
+            with contextlib.suppress(Exception):
+                manager.close()
+        raise
+    if manager is not None:
+        manager.close()
+    return result
 
 
 @dataclasses.dataclass(frozen=True)
