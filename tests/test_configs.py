@@ -43,7 +43,11 @@ def _name(path: str) -> str:
 # here: its twin's run covers it (test_twins_differ_only_in_the_dataset keeps that true).
 TWINS = {"cifar10_vgg19": "cifar100_vgg19", "cifar10_resnet32": "cifar100_resnet32"}
 DATASET_KEYS = {"data.name", "data.synthetic.num_classes", "model.spec.num_classes"}
-PIPELINES = [p for p in CONFIGS if _name(p) not in TWINS]
+# The evidence benchmarks' architectures (README "Results") are the demo config with another model (and the
+# model's epochs / prunable kinds): their families' pipelines run here through the CIFAR and ImageNet configs.
+MODEL_VARIANTS = {"fashion_mnist_resnet20": "fashion_mnist", "fashion_mnist_vit": "fashion_mnist"}
+MODEL_KEYS = ("model.", "train.epochs", "prune.kinds")
+PIPELINES = [p for p in CONFIGS if _name(p) not in TWINS and _name(p) not in MODEL_VARIANTS]
 
 
 def _flat(tree, prefix=""):
@@ -83,6 +87,14 @@ def test_twins_differ_only_in_the_dataset(name, twin):
     differ = {k for k in set(a) | set(b) if a.get(k) != b.get(k)}
     assert differ <= DATASET_KEYS, (f"{name} is no longer {twin} on another dataset ({sorted(differ - DATASET_KEYS)}): "
                                     "take it out of TWINS so that its own pipeline runs")
+
+
+@pytest.mark.parametrize("name, base", sorted(MODEL_VARIANTS.items()))
+def test_model_variants_differ_only_in_the_model(name, base):
+    a, b = (_flat(json.loads(config_lib.load_config(os.path.join(REPO, "configs", f"{n}.py"), num_devices=1)
+                             .to_json_best_effort())) for n in (name, base))
+    differ = {k for k in set(a) | set(b) if a.get(k) != b.get(k)}
+    assert differ and all(k.startswith(MODEL_KEYS) for k in differ), sorted(differ)
 
 
 @pytest.mark.parametrize("path", PIPELINES, ids=_name)

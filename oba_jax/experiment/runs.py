@@ -18,7 +18,7 @@ from oba_jax.experiment import training
 from oba_jax.experiment.lock import reading_lock
 from oba_jax.experiment.manifest import Manifest, claim_stage, config_inputs, model_digest
 
-__all__ = ["Start", "dense_model", "model_outline", "progress", "pyplot", "save_figure", "score_batches", "start",
+__all__ = ["Start", "dense_model", "method_options", "model_outline", "progress", "pyplot", "save_figure", "score_batches", "start",
            "text_table"]
 
 
@@ -127,6 +127,13 @@ def score_batches(dataset, config: ml_collections.ConfigDict) -> tuple[jax.Array
                          std=dataset.std)
     y = jnp.asarray(dataset.train_labels[order], jnp.int32)
     return x.reshape(p.score_batches, p.score_batch_size, *x.shape[1:]), y.reshape(p.score_batches, -1)
+
+
+def method_options(config: ml_collections.ConfigDict, method: str) -> dict[str, Any]:
+    """The options a pipeline scores `method` with: `prune.seed` for a method that takes a seed (random), so
+    that runs with other seeds draw other random scores, not only other scoring samples."""
+    from oba_jax.scores import get_method
+    return {"seed": int(config.prune.seed)} if "seed" in get_method(method).options else {}
 
 
 def progress(total: int, desc: str):

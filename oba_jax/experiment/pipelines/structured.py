@@ -113,7 +113,8 @@ def prune_once(model: nnx.Module, graph: GroupGraph, config: ml_collections.Conf
 
     def score_fn(plan):
         masked = mask_model(model, graph.groups, plan)
-        result = score_model(masked, batches, p.importance, bn_mode=p.bn_mode)
+        result = score_model(masked, batches, p.importance, bn_mode=p.bn_mode,
+                             **runs.method_options(config, p.importance))
         return group_scores(result, chosen, p.normalizer)
 
     def on_step(record):

@@ -55,7 +55,7 @@ def _run_method(method: str, begin: runs.Start, params, graph, evaluate, config,
     p = config.prune
     dense, batches = begin.dense, begin.batches
     example = batches[0][0][:1]
-    score = model_scorer(dense, example, method, bn_mode=p.bn_mode)
+    score = model_scorer(dense, example, method, bn_mode=p.bn_mode, **runs.method_options(config, method))
     data = batches if get_method(method).needs_data else None
     first: list = []
 

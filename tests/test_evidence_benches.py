@@ -1,0 +1,63 @@
+"""`bench/fidelity.py` and `bench/compare.py` run end to end on a tiny trained model and write their tables
+(smoke tests: the numbers are not asserted, only that each table has a row per method)."""
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+MLP = os.path.join(ROOT, "configs", "synthetic_mlp.py")
+
+
+@pytest.fixture(scope="module")
+def trained_mlp(tmp_path_factory):
+    from oba_jax.experiment import config as config_lib
+    from oba_jax.experiment import training
+    workdir = str(tmp_path_factory.mktemp("mlp") / "dense")
+    training.train_and_evaluate(config_lib.load_config(MLP), workdir)
+    return workdir
+
+
+def test_fidelity_writes_channel_set_and_weight_tables(trained_mlp, tmp_path):
+    import fidelity
+    out = str(tmp_path / "fid")
+    report = fidelity.main(["--config", MLP, "--pretrained", trained_mlp, "--out", out, "--held-out", "32",
+                            "--channels", "8", "--weights", "6", "--sets", "4", "--set-size", "3",
+                            "--random-seeds", "2"])
+    assert report["channels"] == 8 and len(report["channel_truth"]) == 8
+    rows = {"oba", "oba (eval BN)", "oba + first order", "fastoba", "taylor", "taylor (eval BN)", "magnitude", "random"}
+    assert set(report["channels_by_method"]) == rows and set(report["sets"]) == rows
+    assert set(report["weights"]["methods"]) == rows | {"−θ·g, eval BN (signed)"}
+    text = open(os.path.join(out, "fidelity.md")).read()
+    assert "| oba (eval BN) |" in text and "pooled ρ (max)" in text
+    assert json.load(open(os.path.join(out, "fidelity.json")))["held_out"] == 32
+    assert os.path.getsize(os.path.join(out, "channels.png")) > 0 and os.path.getsize(os.path.join(out, "weights.png")) > 0
+    import jax
+    assert not jax.config.jax_enable_x64   # the float64 part does not leak into the process
+
+
+def test_compare_runs_every_method_through_both_pipelines(trained_mlp, tmp_path):
+    import compare
+    out = str(tmp_path / "cmp")
+    argv = ["--config", MLP, "--pretrained", trained_mlp, "--out", out, "--seeds", "1", "--methods", "oba,random",
+            "--targets", "0.5", "--keeps", "0.5", "--finetune-steps", "1", "--config.prune.steps=3",
+            "--config.prune.latency_repeats=1", "--config.prune.unstructured_steps=2"]
+    summary = compare.main(argv)
+    assert set(summary["structured"]) == {"oba", "random"}
+    assert summary["structured"]["random"]["0.5"]["acc_pruned"]["n"] == 1
+    assert set(summary["unstructured"]) == {"oba", "random"}
+    assert {"keep 0.5", "2:4", "2:4, fine-tuned"} <= set(summary["unstructured"]["oba"])
+    text = open(os.path.join(out, "compare.md")).read()
+    assert "| random | 0.5 |" in text and "| oba |" in text
+
+
+def test_a_seeded_method_is_scored_with_prune_seed():
+    """compare.py's seeds reach the random method's scores in both pipelines (`runs.method_options`)."""
+    from oba_jax.experiment import config as config_lib
+    from oba_jax.experiment.runs import method_options
+    config = config_lib.load_config(MLP, [("prune.seed", "3")])
+    assert method_options(config, "random") == {"seed": 3}
+    assert method_options(config, "oba") == {} and method_options(config, "taylor") == {}
