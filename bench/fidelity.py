@@ -378,32 +378,47 @@ def markdown(report: Mapping) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _grid(plt, n: int, columns: int = 4):
+    """A figure of `n` panels, `columns` per row; the unused panels hidden."""
+    rows = -(-n // columns)
+    fig, axes = plt.subplots(rows, min(n, columns), figsize=(3.2 * min(n, columns), 3.0 * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
 def plot(report, channel_scores, weight_scores, channels, out: str) -> None:
     plt = runs.pyplot()
     names = [n for n in channel_scores if not n.startswith("random ") or n == "random 0"]
     truth = np.array(report["channel_truth"])
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), squeeze=False)
+    fig, axes = _grid(plt, len(names))
     groups = sorted({n for n, _ in channels})
     colour = {g: plt.cm.viridis(i / max(len(groups) - 1, 1)) for i, g in enumerate(groups)}
-    for ax, name in zip(axes[0], names):
+    for ax, name in zip(axes, names):
         pred = np.array([channel_scores[name]["max"][n][c] for n, c in channels])
         ax.scatter(pred, truth, s=6, c=[colour[n] for n, _ in channels])
         ax.set_yscale("symlog", linthresh=1e-3)
         rho = report["channels_by_method"][_row_name(name)]["pooled"]["max"]["spearman"]
         ax.set_title(f"{_row_name(name)}\npooled ρ = {_fmt(rho)}", fontsize=9)
         ax.set_xlabel("importance (max-normalised)", fontsize=8)
-    axes[0][0].set_ylabel("true Δloss (channel removed)")
+    axes[0].set_ylabel("true Δloss (channel removed)")
+    if len(groups) <= 12:   # one colour per group
+        axes[0].legend(handles=[plt.Line2D([], [], ls="", marker="o", ms=4, color=colour[g], label=g) for g in groups],
+                       fontsize=6, loc="lower right")
+    fig.tight_layout()
     runs.save_figure(fig, out, "channels.png")
     if "weights" in report:
         w = report["weights"]
         names = list(w["methods"])
-        fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), squeeze=False)
-        for ax, name in zip(axes[0], names):
+        fig, axes = _grid(plt, len(names))
+        for ax, name in zip(axes, names):
             ax.scatter(w["methods"][name]["single_predicted"], w["truth_single"], s=6)
             ax.set_yscale("symlog", linthresh=1e-6)
             ax.set_title(f"{name}\nρ = {_fmt(w['methods'][name]['single']['spearman'])}", fontsize=9)
             ax.set_xlabel("|score|" if not name.endswith("(signed)") else "−θ·g", fontsize=8)
-        axes[0][0].set_ylabel("true Δloss (weight zeroed)")
+        axes[0].set_ylabel("true Δloss (weight zeroed)")
+        fig.tight_layout()
         runs.save_figure(fig, out, "weights.png")
 
 

@@ -186,10 +186,9 @@ def _timed(compiled, args) -> float:
     return time.perf_counter() - t0
 
 
-def bench_model(name: str, make_spec, batch: int, repeats: int, rows, warmup: bool = True,
-                bn_mode: str = "train") -> list[dict]:
-    """Every row compiled first, then timed in `repeats` rounds of one run per row, so that a slow
-    spell of the machine falls on every row alike (rows are compared round by round)."""
+def compile_rows(make_spec, batch: int, rows, warmup: bool = True, bn_mode: str = "train") -> dict[str, dict]:
+    """Every row's function, compiled ahead of time on one random batch of `batch` inputs: `{row: {"fn", "args",
+    "gflop", "gbytes", "temp_mb", "rss_mb"}}`; time a row with `timed(entry)` (also `bench/authors_speed.py`)."""
     spec = make_spec() if make_spec is not None else None
     h, w, c = models.input_shape(spec) if spec is not None else (32, 32, 3)
     rng = np.random.default_rng(0)
@@ -222,10 +221,23 @@ def bench_model(name: str, make_spec, batch: int, repeats: int, rows, warmup: bo
         for row in rows:
             if row.startswith("api-"):
                 compiled[row] = _api_call(row[len("api-"):], apply, params, x, y)
+    return compiled
+
+
+def timed(entry: dict) -> float:
+    """Seconds of one run of a `compile_rows` entry."""
+    return _timed(entry["fn"], entry["args"])
+
+
+def bench_model(name: str, make_spec, batch: int, repeats: int, rows, warmup: bool = True,
+                bn_mode: str = "train") -> list[dict]:
+    """Every row compiled first, then timed in `repeats` rounds of one run per row, so that a slow
+    spell of the machine falls on every row alike (rows are compared round by round)."""
+    compiled = compile_rows(make_spec, batch, rows, warmup, bn_mode)
     times: dict[str, list[float]] = {row: [] for row in rows}
     for k in range(repeats):
         for row in rows:
-            times[row].append(_timed(compiled[row]["fn"], compiled[row]["args"]))
+            times[row].append(timed(compiled[row]))
         print(f"  [{name} b{batch}] round {k + 1}/{repeats}: "
               + ", ".join(f"{row} {times[row][-1]:.3f} s" for row in rows), file=sys.stderr, flush=True)
     return [dict(model=name, batch=batch, row=row, seconds=statistics.median(times[row]), times=times[row],
