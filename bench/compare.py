@@ -18,7 +18,9 @@ Every run is `prune.py`'s own pipeline (`oba_jax.experiment.pipelines.run`) from
 A seed sets `prune.seed` (the scoring sample, and the random method's scores) and `train.seed` (the
 fine-tuning order); the dense model is the same for all. Runs go to OUT/structured/<method>/seed<k> and
 OUT/unstructured/seed<k>; a finished run is reused (the pipelines' manifests), so an interrupted command
-continues. Writes OUT/compare.json, OUT/compare.md (the tables), OUT/structured.png, OUT/unstructured.png.
+continues; `--tables-only` rebuilds the tables and plots from the reports in OUT without running anything.
+Writes OUT/compare.json, OUT/compare.md (the tables), OUT/structured.png, OUT/unstructured.png. Latency is
+reported as the ratio pruned / dense of each run (both forwards timed in the same alternating rounds).
 """
 from __future__ import annotations
 
@@ -58,6 +60,8 @@ def parse(argv: Sequence[str]):
     ap.add_argument("--keeps", type=_floats, default=(0.5, 0.3, 0.1), help="unstructured keep ratios")
     ap.add_argument("--finetune-steps", type=int, default=100)
     ap.add_argument("--only", choices=("structured", "unstructured"))
+    ap.add_argument("--tables-only", action="store_true",
+                    help="rebuild the tables and plots from the reports already in OUT (runs nothing)")
     rest, overrides = config_lib.split_override_args(argv)
     args = ap.parse_args(rest)
     args.methods = tuple(m for m in args.methods.split(",") if m)
@@ -75,14 +79,23 @@ def _config(args, overrides, **settings):
                                                 ("plot.enabled", "False"), *extra])
 
 
+def _report(args, workdir: str, config_of):
+    """The run's report: read from `workdir` with --tables-only (a clear exit if it is missing), else run."""
+    if args.tables_only:
+        if not os.path.isfile(os.path.join(workdir, pipelines.REPORT_FILE)):
+            raise SystemExit(f"--tables-only: {workdir} has no {pipelines.REPORT_FILE}; run without --tables-only")
+        return pipelines.load_report(workdir)
+    return pipelines.run(config_of(), workdir)
+
+
 def run_structured(args, overrides) -> dict[str, list[StructuredReport]]:
     out: dict[str, list[StructuredReport]] = {}
     for method in args.methods:
         for seed in range(args.seeds):
             print(f"== structured: {method}, seed {seed}", flush=True)
-            config = _config(args, overrides, prune__mode="oneshot", prune__importance=method,
-                             prune__ops_ratios=tuple(args.targets), prune__seed=seed, train__seed=seed)
-            report = pipelines.run(config, os.path.join(args.out, "structured", method, f"seed{seed}"))
+            config_of = lambda: _config(args, overrides, prune__mode="oneshot", prune__importance=method,  # noqa: E731
+                                        prune__ops_ratios=tuple(args.targets), prune__seed=seed, train__seed=seed)
+            report = _report(args, os.path.join(args.out, "structured", method, f"seed{seed}"), config_of)
             out.setdefault(method, []).append(report)
     return out
 
@@ -92,11 +105,11 @@ def run_unstructured(args, overrides) -> list[UnstructuredReport]:
     first, *others = args.methods
     for seed in range(args.seeds):
         print(f"== unstructured: seed {seed}", flush=True)
-        config = _config(args, overrides, prune__mode="unstructured", prune__importance=first,
-                         prune__compare=tuple(others), prune__keep_ratio=min(args.keeps),
-                         prune__report_keep_ratios=tuple(sorted(args.keeps, reverse=True)), prune__n_m=(2, 4),
-                         prune__seed=seed, train__seed=seed)
-        out.append(pipelines.run(config, os.path.join(args.out, "unstructured", f"seed{seed}")))
+        config_of = lambda: _config(  # noqa: E731
+            args, overrides, prune__mode="unstructured", prune__importance=first, prune__compare=tuple(others),
+            prune__keep_ratio=min(args.keeps), prune__report_keep_ratios=tuple(sorted(args.keeps, reverse=True)),
+            prune__n_m=(2, 4), prune__seed=seed, train__seed=seed)
+        out.append(_report(args, os.path.join(args.out, "unstructured", f"seed{seed}"), config_of))
     return out
 
 
@@ -116,7 +129,11 @@ def summarise_structured(reports: Mapping[str, Sequence[StructuredReport]]) -> d
                 "acc_pruned": _ms([100 * t.acc_pruned for t in ts]),
                 "acc_finetuned": _ms([100 * t.acc_finetuned for t in ts]),
                 "latency_pruned_ms": _ms([t.latency_pruned_ms for t in ts]),
-                "latency_dense_ms": _ms([t.latency_dense_ms for t in ts]), "acc_dense": 100 * first.acc_dense}
+                "latency_dense_ms": _ms([t.latency_dense_ms for t in ts]),
+                # per run, both timed in the same alternating rounds: comparable where the milliseconds of
+                # runs made at different times on a shared machine are not
+                "latency_ratio": _ms([t.latency_pruned_ms / t.latency_dense_ms for t in ts]),
+                "acc_dense": 100 * first.acc_dense}
         out[method] = rows
     return out
 
@@ -149,13 +166,13 @@ def markdown(summary: Mapping) -> str:
     if s:
         dense = next(iter(next(iter(s.values())).values()))["acc_dense"]
         lines += [f"Structured, one-shot (dense top-1 {dense:.2f}%): top-1 % mean ± std over seeds", "",
-                  "| method | target ops | ops ratio | params ratio | pruned | fine-tuned | latency ms (dense) |",
+                  "| method | target ops | ops ratio | params ratio | pruned | fine-tuned | latency pruned / dense |",
                   "|---|---|---|---|---|---|---|"]
         for method, rows in s.items():
             for target, r in rows.items():
                 lines.append(f"| {method} | {target} | {r['ops_ratio']['mean']:.3f} | {r['params_ratio']['mean']:.3f} |"
                              f" {_pm(r['acc_pruned'])} | {_pm(r['acc_finetuned'])} | "
-                             f"{r['latency_pruned_ms']['mean']:.2f} ({r['latency_dense_ms']['mean']:.2f}) |")
+                             f"{r['latency_ratio']['mean']:.2f} ± {r['latency_ratio']['std']:.2f} |")
         lines.append("")
     u = summary.get("unstructured")
     if u:
@@ -210,6 +227,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.only != "structured":
         summary["unstructured"] = summarise_unstructured(run_unstructured(args, overrides))
     summary["seconds"] = time.time() - t0
+    previous = os.path.join(args.out, "compare.json")
+    if args.tables_only and os.path.isfile(previous):   # the time the runs took, not the time to read them
+        summary["seconds"] = json.load(open(previous)).get("seconds", summary["seconds"])
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "compare.json"), "w") as f:
         json.dump(summary, f, indent=1)

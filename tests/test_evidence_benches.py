@@ -52,6 +52,9 @@ def test_compare_runs_every_method_through_both_pipelines(trained_mlp, tmp_path)
     assert {"keep 0.5", "2:4", "2:4, fine-tuned"} <= set(summary["unstructured"]["oba"])
     text = open(os.path.join(out, "compare.md")).read()
     assert "| random | 0.5 |" in text and "| oba |" in text
+    # --tables-only rebuilds the same tables from the reports on disk, running nothing
+    again = compare.main([*argv, "--tables-only"])
+    assert again["structured"] == summary["structured"] and again["unstructured"] == summary["unstructured"]
 
 
 def test_a_seeded_method_is_scored_with_prune_seed():
