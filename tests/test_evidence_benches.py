@@ -64,3 +64,22 @@ def test_a_seeded_method_is_scored_with_prune_seed():
     config = config_lib.load_config(MLP, [("prune.seed", "3")])
     assert method_options(config, "random") == {"seed": 3}
     assert method_options(config, "oba") == {} and method_options(config, "taylor") == {}
+
+
+def test_summarise_results_reads_both_outputs_and_marks_what_is_missing(tmp_path):
+    """The README's cross-architecture tables: one column per directory, '–' where a directory lacks a run."""
+    import summarise_results
+    stat = lambda m, s=0.0: {"mean": m, "std": s, "n": 3}   # noqa: E731
+    full, empty = tmp_path / "vgg", tmp_path / "vit"
+    full.mkdir(), empty.mkdir()
+    (full / "fidelity.json").write_text(json.dumps({
+        "channels_by_method": {"oba": {"per_group_mean": {"spearman": 0.25, "kendall": 0.2}}},
+        "sets": {"oba": {"per group 0.25": 1.5}},
+        "weights": {"methods": {"oba": {"sets": {"spearman": 0.875, "kendall": 0.7}}}}}))
+    (full / "compare.json").write_text(json.dumps({
+        "methods": ["oba"], "structured": {"oba": {"0.5": {"acc_finetuned": stat(87.91, 0.18)}}},
+        "unstructured": {"oba": {"keep 0.5": stat(87.35, 1.83), "2:4, fine-tuned": stat(89.71, 0.07)}}}))
+    lines = summarise_results.fidelity_table([str(full), str(empty)]) + summarise_results.compare_tables([str(full)])
+    assert "| oba | 0.25 | – | 1.50 | – | 0.88 | – |" in lines
+    assert "| oba | 87.9 ± 0.2 |" in lines
+    assert "| oba | 87.3 ± 1.8 | – | – | 89.7 ± 0.1 |" in lines
