@@ -113,7 +113,7 @@ def _tiled_max_pool(x: jax.Array, window: int) -> jax.Array:
     followed by a reshape + `max` pool came out wrong on trained models (fastoba on the demo model: 20% of the
     largest score off; exact eagerly and with the fusion pass disabled). A one-hot product summed over the
     window axis was exactly as wrong, a gather at the argmax is exact (`bench/xla_hvp_fusion.py`), and it is
-    as fast: the gradient within 5% of `max`'s on the demo model, the Hessian-vector product faster.
+    as fast: the gradient within 5% of `max`'s on a copy of the demo network, the Hessian-vector product faster.
     """
     return _windows(x, window).max(axis=-1)
 
