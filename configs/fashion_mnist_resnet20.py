@@ -16,4 +16,5 @@ def get_config():
     config.model.family = "resnet_cifar"
     config.model.spec = {"depth": 20, "in_channels": 1, "image_size": 28, "num_classes": 10}
     config.train.epochs = 3
+    config.prune.n_m_exclude = ("conv1",)   # 2:4 skips it: the stem conv reads 3×3×1 = 9 inputs, which 4 does not divide
     return config

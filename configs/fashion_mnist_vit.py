@@ -20,4 +20,5 @@ def get_config():
     # MLP units, heads and head dims (ops ratio 0.15 is out of reach with MLP units alone: 0.56 at 5% of them);
     # the residual stream (the patch embedding's width) stays
     config.prune.kinds = ("hidden", "heads", "head_dim")
+    config.prune.n_m_exclude = ("conv_proj",)   # 2:4 skips it: the patch embedding reads 7×7×1 = 49 inputs, which 4 does not divide
     return config

@@ -46,7 +46,7 @@ DATASET_KEYS = {"data.name", "data.synthetic.num_classes", "model.spec.num_class
 # The evidence benchmarks' architectures (README "Results") are the demo config with another model (and the
 # model's epochs / prunable kinds): their families' pipelines run here through the CIFAR and ImageNet configs.
 MODEL_VARIANTS = {"fashion_mnist_resnet20": "fashion_mnist", "fashion_mnist_vit": "fashion_mnist"}
-MODEL_KEYS = ("model.", "train.epochs", "prune.kinds")
+MODEL_KEYS = ("model.", "train.epochs", "prune.kinds", "prune.n_m_exclude")
 PIPELINES = [p for p in CONFIGS if _name(p) not in TWINS and _name(p) not in MODEL_VARIANTS]
 
 
