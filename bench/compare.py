@@ -69,6 +69,12 @@ def parse(argv: Sequence[str]):
         ap.error("--seeds and --finetune-steps must be >= 1")
     if not args.methods:
         ap.error("--methods names no method")
+    from oba_jax import METHODS as known
+    unknown = [m for m in args.methods if m not in known]
+    if unknown:
+        ap.error(f"--methods: {unknown} are not importance methods; choose from {sorted(known)}")
+    if not os.path.isdir(args.pretrained):
+        ap.error(f"--pretrained {args.pretrained!r} is not a directory (give a train.py --workdir)")
     return args, overrides
 
 

@@ -179,6 +179,8 @@ def parse(argv: Sequence[str]):
     ap.add_argument("--no-plots", action="store_true")
     rest, overrides = config_lib.split_override_args(argv)
     args = ap.parse_args(rest)
+    if not os.path.isdir(args.pretrained):
+        ap.error(f"--pretrained {args.pretrained!r} is not a directory (give a train.py --workdir)")
     for name in ("held_out", "weights", "sets", "set_size", "random_seeds"):
         if getattr(args, name) < (0 if name in ("weights", "sets") else 1):
             ap.error(f"--{name.replace('_', '-')} must be {'>= 0' if name in ('weights', 'sets') else '>= 1'}")

@@ -83,3 +83,16 @@ def test_summarise_results_reads_both_outputs_and_marks_what_is_missing(tmp_path
     assert "| oba | 0.25 | – | 1.50 | – | 0.88 | – |" in lines
     assert "| oba | 87.9 ± 0.2 |" in lines
     assert "| oba | 87.3 ± 1.8 | – | – | 89.7 ± 0.1 |" in lines
+
+
+def test_bad_arguments_are_usage_errors_before_any_work(tmp_path, capsys):
+    import compare
+    import fidelity
+    for main, extra in ((compare.main, ["--methods", "oba,nope"]), (compare.main, []), (fidelity.main, [])):
+        pretrained = str(tmp_path) if extra else str(tmp_path / "missing")
+        with pytest.raises(SystemExit) as e:
+            main(["--config", MLP, "--pretrained", pretrained, "--out", str(tmp_path / "out"), *extra])
+        assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "['nope'] are not importance methods" in err and "is not a directory" in err
+    assert not (tmp_path / "out").exists()
