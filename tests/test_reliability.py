@@ -219,7 +219,7 @@ def test_sigterm_and_a_second_sigint_during_the_shutdown_end_cleanly(config_file
         procs[name] = (workdir, subprocess.Popen(
             [sys.executable, "train.py", "--config", cfg, "--workdir", str(workdir), "--config.train.epochs=100000",
              "--config.train.checkpoint_every_steps=20"], cwd=ROOT, stderr=subprocess.PIPE, text=True,
-            env=dict(os.environ, PYTHONPATH=ROOT)))
+            env=dict(os.environ, PYTHONPATH=ROOT, **{cli.SHUTDOWN_GRACE_ENV: "20"})))
     results = {}
     try:
         for name, (workdir, proc) in procs.items():
@@ -242,6 +242,52 @@ def test_sigterm_and_a_second_sigint_during_the_shutdown_end_cleanly(config_file
         assert len(lines) == 1 and what in lines[0] and "re-run the same command to resume" in lines[0], lines
         with lock_lib.workdir_lock(str(procs[name][0])):     # released
             pass
+
+
+STUCK_SHUTDOWN = """
+import signal, sys, time
+from oba_jax.experiment import cli
+signal.signal(signal.SIGUSR1, lambda *_: None)   # a library's own handled signal: not a stop
+def body(session):
+    print("ready", flush=True)
+    try:
+        time.sleep(1000)
+    finally:
+        time.sleep(1000)                        # a cleanup that never ends
+sys.exit(cli.run_cli("stuck.py", body, owns_process=True))
+"""
+
+
+def test_a_shutdown_that_hangs_is_ended_after_the_grace_period(tmp_path):
+    """The first SIGTERM starts the clock (not another handled signal); a cleanup still running after
+    $OBA_JAX_SHUTDOWN_GRACE_S ends with the signal's status and the one interruption message."""
+    script = tmp_path / "stuck.py"
+    script.write_text(STUCK_SHUTDOWN)
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, PYTHONPATH=ROOT, **{cli.SHUTDOWN_GRACE_ENV: "1"}))
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(2.0)
+        assert proc.poll() is None, proc.stderr.read()
+        start = time.time()
+        proc.send_signal(signal.SIGTERM)
+        code, stderr = proc.wait(timeout=60), proc.stderr.read()
+    finally:
+        proc.kill()
+    lines = [line for line in stderr.splitlines() if line.startswith("stuck.py:")]
+    assert code == cli.TERMINATED and "Traceback" not in stderr, stderr
+    assert len(lines) == 1 and "terminated (SIGTERM)" in lines[0] and "within 1 s" in lines[0], lines
+    assert 0.9 < time.time() - start < 30
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "soon", "inf", "nan"])
+def test_a_bad_shutdown_grace_is_a_config_error(monkeypatch, value):
+    monkeypatch.setenv(cli.SHUTDOWN_GRACE_ENV, value)
+    with pytest.raises(config_lib.ConfigError, match=cli.SHUTDOWN_GRACE_ENV):
+        cli.shutdown_grace_s()
+    monkeypatch.setenv(cli.SHUTDOWN_GRACE_ENV, "2.5")
+    assert cli.shutdown_grace_s() == 2.5
 
 
 # ----------------------------------------------------------------------------- the structure

@@ -5,7 +5,8 @@ diverged run, a workdir another run holds, a filesystem that refuses a write, me
 the run with one message on stderr, no traceback, and the status below; a genuine bug still shows its
 traceback. SIGINT (Ctrl-C) and SIGTERM unwind the run the same way (locks released, no half-written
 report) and end it with 130 and 143; further signals during that shutdown are ignored, so it finishes
-without a traceback. The process-wide hooks a CLI wants (orbax's noise filters, warnings as one line) are
+without a traceback, and a shutdown that does not finish within `shutdown_grace_s()` (a wait inside a
+library that a signal interrupted at the wrong moment) is ended there with the same status and message. The process-wide hooks a CLI wants (orbax's noise filters, warnings as one line) are
 installed here, by the CLI, never by library calls.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -31,7 +33,8 @@ from oba_jax.experiment.data import CorruptDatasetError, DatasetNotFoundError
 from oba_jax.experiment.lock import WorkdirLockedError
 from oba_jax.experiment.training import TrainingDivergedError
 
-__all__ = ["EXIT_STATUSES", "INTERRUPTED", "OUT_OF_MEMORY", "TERMINATED", "Session", "Terminated", "run_cli"]
+__all__ = ["EXIT_STATUSES", "INTERRUPTED", "OUT_OF_MEMORY", "SHUTDOWN_GRACE_ENV", "TERMINATED", "Session",
+           "Terminated", "run_cli", "shutdown_grace_s"]
 
 # (exception, exit status, what the message starts with); the first that matches wins
 EXIT_STATUSES: tuple[tuple[type[BaseException], int, str], ...] = (
@@ -47,6 +50,10 @@ EXIT_STATUSES: tuple[tuple[type[BaseException], int, str], ...] = (
 INTERRUPTED = 130
 TERMINATED = 143    # 128 + SIGTERM, what a shell reports for a process SIGTERM killed
 OUT_OF_MEMORY = 9
+# A cluster scheduler sends SIGKILL some tens of seconds after SIGTERM (SLURM's KillWait: 30 s); a checkpoint
+# write in flight normally finishes well within this, and a shutdown still running after it is stuck.
+SHUTDOWN_GRACE_ENV = "OBA_JAX_SHUTDOWN_GRACE_S"
+_DEFAULT_SHUTDOWN_GRACE_S = 60.0
 
 
 class Terminated(KeyboardInterrupt):
@@ -133,6 +140,65 @@ def _stop_on(signum: int, frame: Any) -> None:
     raise err
 
 
+def shutdown_grace_s() -> float:
+    """Seconds a signalled CLI may take to shut down: $OBA_JAX_SHUTDOWN_GRACE_S, else 60."""
+    text = os.environ.get(SHUTDOWN_GRACE_ENV, "")
+    try:
+        grace = float(text) if text.strip() else _DEFAULT_SHUTDOWN_GRACE_S
+    except ValueError:
+        grace = -1.0
+    if not grace > 0 or grace == float("inf"):
+        raise ConfigError(f"${SHUTDOWN_GRACE_ENV}: must be a positive number of seconds, got {text!r}")
+    return grace
+
+
+def _describe_signal(signum: int) -> tuple[str, int]:
+    """(what the message says, exit status) of a run ended by `signum`."""
+    return ("terminated (SIGTERM)", TERMINATED) if signum == signal.SIGTERM else ("interrupted", INTERRUPTED)
+
+
+def _interruption_message(prog: str, signum: int, session: Session) -> str:
+    then = ("the last checkpoint is kept, re-run the same command to resume" if session.resumable
+            else "nothing was written; re-run the command to start again")
+    return f"{prog}: {_describe_signal(signum)[0]}; {then}"
+
+
+def _watch_shutdown(prog: str, session: Session, told: threading.Event, grace: float) -> Callable[[], None]:
+    """Ends the process `grace` seconds after the first SIGINT / SIGTERM if it is still alive then.
+
+    The signal is seen through `signal.set_wakeup_fd`, which the interpreter writes to as the signal arrives,
+    so the clock starts even when the main thread is held in native code and the Python handler has not run.
+    Returns the function that stops watching (the run ended without a signal)."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    previous_fd = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+
+    def watch() -> None:
+        signum = None
+        while signum not in (signal.SIGINT, signal.SIGTERM):   # another handled signal (a library's) is not a stop
+            try:
+                byte = os.read(read_end, 1)
+            except OSError:
+                return
+            if not byte:   # the write end closed: the run ended without a signal
+                return
+            signum = byte[0]
+        time.sleep(grace)
+        if not told.is_set():
+            print(_interruption_message(prog, signum, session)
+                  + f" (the shutdown did not finish within {grace:g} s, so it was cut short there)", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(_describe_signal(signum)[1])
+
+    threading.Thread(target=watch, name="oba-jax-shutdown-watch", daemon=True).start()
+
+    def stop() -> None:
+        signal.set_wakeup_fd(previous_fd)
+        os.close(write_end)
+
+    return stop
+
+
 def run_cli(prog: str, body: Callable[[Session], int], *, owns_process: bool = False) -> int:
     """`body(session)`'s exit status, or the status of the user error it raised (message on stderr).
 
@@ -143,19 +209,22 @@ def run_cli(prog: str, body: Callable[[Session], int], *, owns_process: bool = F
     _install_process_hooks()
     session = Session()
     takes_signals = owns_process and threading.current_thread() is threading.main_thread()
-    previous = {s: signal.signal(s, _stop_on) for s in (signal.SIGINT, signal.SIGTERM)} if takes_signals else {}
+    told = threading.Event()     # the interruption message is out
+    stop_watching: Callable[[], None] = lambda: None
+    previous: dict = {}
     leave = _exit_now_if_stuck if owns_process else (lambda status: None)
     signalled = False
     try:
+        if takes_signals:
+            stop_watching = _watch_shutdown(prog, session, told, shutdown_grace_s())
+            previous = {s: signal.signal(s, _stop_on) for s in (signal.SIGINT, signal.SIGTERM)}
         return body(session)
     except KeyboardInterrupt as err:
         signalled = isinstance(err.__cause__, _Signalled)
-        terminated = isinstance(err, Terminated)
-        what = "terminated (SIGTERM)" if terminated else "interrupted"
-        then = ("the last checkpoint is kept, re-run the same command to resume" if session.resumable
-                else "nothing was written; re-run the command to start again")
-        print(f"{prog}: {what}; {then}", file=sys.stderr)
-        status = TERMINATED if terminated else INTERRUPTED
+        signum = signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT
+        print(_interruption_message(prog, signum, session), file=sys.stderr)
+        told.set()
+        status = _describe_signal(signum)[1]
         leave(status)
         return status
     except tuple(kind for kind, _, _ in EXIT_STATUSES) as err:
@@ -177,3 +246,4 @@ def run_cli(prog: str, body: Callable[[Session], int], *, owns_process: bool = F
         if not signalled:   # after a signal, one more during the exit must not raise a traceback either
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            stop_watching()  # after a signal the watch stays, bounding the interpreter's own exit too
