@@ -136,6 +136,22 @@ def test_a_primitive_without_a_rule_names_itself():
     assert groups["l1"].prunable
 
 
+def test_rows_looked_up_by_index_are_not_a_channel_group_but_the_embedding_width_is():
+    """Issue 19 item 3: shrinking a table's rows would leave ids pointing at removed rows (NaN logits)."""
+    k = jax.random.split(jax.random.PRNGKey(0), 2)
+    params = {"emb": jax.random.normal(k[0], (10, 4)), "head": {"kernel": jax.random.normal(k[1], (4, 3)),
+                                                                "bias": jnp.zeros(3)}}
+
+    def apply(p, ids):
+        return jnp.take(p["emb"], ids, 0).mean(1) @ p["head"]["kernel"] + p["head"]["bias"]
+
+    groups = oba_jax.channel_groups(apply, params, jnp.array([[1, 7, 9], [0, 3, 8]]))
+    rows = next(g for g in groups if _members(g) == {("emb", 0)})
+    width = next(g for g in groups if ("emb", 1) in _members(g))
+    assert not rows.prunable and "looked up by index" in rows.reason and "gather" in rows.reason
+    assert width.prunable and _members(width) == {("emb", 1), ("head/kernel", 0)}
+
+
 def test_ignore_by_group_or_layer():
     params = mlp_params((6, 5, 4, 3))
     groups = _by_name(oba_jax.channel_groups(mlp_apply, params, jnp.ones((2, 6)), ignore=("l0",)))

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from oba_jax.graph.layers import FoundLayers
 from oba_jax.program import Equation, EqnKey, Program, check_param_leaves, run, sub_programs, trace_program
+from oba_jax.program.primitives import LAYER_PRODUCTS, product_macs
 
 __all__ = ["MacCount", "count_macs", "count_params", "mac_count"]
 
@@ -60,8 +61,8 @@ class _Count:
 
     def equation(self, eqn: Equation, key: EqnKey, ins: list[bool]) -> list[bool]:
         name = eqn.primitive.name
-        if name in ("dot_general", "conv_general_dilated") and any(ins):
-            macs = _macs(eqn)
+        if name in LAYER_PRODUCTS and any(ins):
+            macs = product_macs(eqn)
             if all(ins):
                 self.attention += macs
             else:
@@ -77,18 +78,6 @@ class _Count:
                 raise NotImplementedError("products inside lax.while_loop: their number is not known when the "
                                           "program is analysed; use lax.scan / fori_loop with static bounds")
         return [any(ins)] * len(eqn.outvars)
-
-
-def _macs(eqn: Equation) -> int:
-    out = math.prod(eqn.outvars[0].aval.shape)
-    if eqn.primitive.name == "dot_general":
-        (lc, _), _ = eqn.params["dimension_numbers"]
-        lhs = eqn.invars[0].aval.shape
-        return int(out * math.prod(lhs[d] for d in lc))
-    rhs = eqn.invars[1].aval.shape
-    dn = eqn.params["dimension_numbers"]
-    taps = math.prod(rhs[d] for d in dn.rhs_spec[2:])
-    return int(out * taps * rhs[dn.rhs_spec[1]])
 
 
 def mac_count(program: Program, found: FoundLayers | None = None) -> MacCount:

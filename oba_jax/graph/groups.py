@@ -29,7 +29,7 @@ import numpy as np
 from oba_jax.graph.layers import FoundLayers, find_layers
 from oba_jax.paths import matches
 from oba_jax.program import Equation, EqnKey, Program, call_kind, check_param_leaves, run, trace_program
-from oba_jax.program.primitives import is_float, reshape_groups
+from oba_jax.program.primitives import ELEMENTWISE, IDENTITY_LIKE, is_float, product_macs, reshape_groups
 
 __all__ = ["ChannelGroup", "GroupGraph", "GroupMember", "KINDS", "channel_groups", "find_groups"]
 
@@ -335,7 +335,7 @@ class _Groups:
         name = eqn.primitive.name
         where = f"`{name}` (equation {len(self.nodes.parent)})"
         rule = AXIS_RULES.get(name)
-        if rule is None and name in _ELEMENTWISE:
+        if rule is None and name in ELEMENTWISE:
             rule = _elementwise
         if rule is None:
             return self._unknown(eqn, ins, where)
@@ -499,8 +499,7 @@ def _dot_general(g: _Groups, eqn: Equation, ins: list[_Val], where: str) -> list
     free_b = [n for i, n in enumerate(b.axes) if i not in rc and i not in rb]
     out = tuple(batch + free_a + free_b)
     if a.act or b.act:   # per-example work: its MACs shrink with the kept fraction of every axis involved
-        macs = math.prod(_shape(eqn.outvars[0])) * math.prod(_shape(eqn.invars[0])[d] for d in lc)
-        g.products.append((macs, out + tuple(a.axes[x] for x in lc), a.act and b.act))
+        g.products.append((product_macs(eqn), out + tuple(a.axes[x] for x in lc), a.act and b.act))
     return [out]
 
 
@@ -530,8 +529,7 @@ def _conv(g: _Groups, eqn: Equation, ins: list[_Val], where: str) -> list[tuple]
                 g.nodes.block(n, why)
     out[dn.out_spec[1]] = out_node
     if lhs.act or rhs.act:
-        macs = math.prod(out_shape) * math.prod(rhs_shape[d] for d in dn.rhs_spec[2:]) * rhs_shape[k_in]
-        g.products.append((macs, (out_node, rhs.axes[k_in]), lhs.act and rhs.act))
+        g.products.append((product_macs(eqn), (out_node, rhs.axes[k_in]), lhs.act and rhs.act))
     return [tuple(out)]
 
 
@@ -570,9 +568,12 @@ def _gather(g: _Groups, eqn: Equation, ins: list[_Val], where: str) -> list[tupl
     sizes = eqn.params["slice_sizes"]
     kept = [a for a in range(len(op_shape)) if a not in dn.collapsed_slice_dims and a not in dn.operand_batching_dims]
     for a in dn.start_index_map:
+        # an axis addressed by index values (an embedding's rows: vocabulary, positions) is not a set of
+        # channels: removing entries would leave indices that still point at them
         n = operand.axes[a]
-        if n is not None and sizes[a] != op_shape[a] and a not in dn.collapsed_slice_dims:
-            g.nodes.block(n, f"a gather with a window along a channel axis at {where}")
+        if n is not None:
+            g.nodes.block(n, f"its entries are looked up by index (a gather / take, e.g. an embedding's rows) at "
+                             f"{where}; only channels are pruned")
     out: list[int | None] = [None] * len(out_shape)
     for d, a in zip(dn.offset_dims, kept):
         if sizes[a] == op_shape[a]:
@@ -627,16 +628,6 @@ def _stack(g: _Groups, eqn: Equation, ins: list[_Val], where: str) -> list[tuple
     return [tuple(axes)]
 
 
-_ELEMENTWISE = frozenset({
-    "add", "add_any", "sub", "mul", "div", "max", "min", "pow", "atan2", "rem", "nextafter", "and", "or",
-    "xor", "eq", "ne", "lt", "le", "gt", "ge", "neg", "exp", "exp2", "log", "log1p", "expm1", "tanh",
-    "logistic", "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "asinh", "acosh", "atanh",
-    "abs", "sign", "floor", "ceil", "round", "sqrt", "rsqrt", "cbrt", "square", "integer_pow", "erf",
-    "erfc", "erf_inv", "lgamma", "digamma", "is_finite", "not", "convert_element_type", "reduce_precision",
-    "copy", "copy_p", "stop_gradient", "real", "imag", "conj", "complex", "clamp", "population_count",
-    "shift_left", "shift_right_logical", "shift_right_arithmetic", "select_n",
-})
-
 AXIS_RULES: dict[str, Rule] = {
     "broadcast_in_dim": _broadcast, "reshape": _reshape, "squeeze": _reshape, "expand_dims": _reshape,
     "transpose": _transpose, "slice": _slice, "split": _split, "concatenate": _concatenate,
@@ -648,8 +639,7 @@ AXIS_RULES: dict[str, Rule] = {
     "reduce_window_sum": _window, "reduce_window_max": _window, "reduce_window_min": _window,
     "reduce_window": _window, "pad": _pad, "gather": _gather, "dynamic_slice": _dynamic_slice,
     "rev": _rev, "stack": _stack,
-    "sharding_constraint": _identity, "optimization_barrier": _identity, "name": _identity,
-    "device_put": _identity, "pjit_sharding": _identity,
+    **{name: _identity for name in IDENTITY_LIKE},
     "iota": _constant_out, "random_bits": _constant_out, "random_seed": _constant_out,
     "random_wrap": _constant_out, "random_unwrap": _constant_out, "threefry2x32": _constant_out,
 }

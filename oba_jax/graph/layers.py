@@ -33,7 +33,7 @@ import numpy as np
 from jax import lax
 
 from oba_jax.program import Equation, EqnKey, Program, bind, call_kind, open_jaxpr, run, sub_programs
-from oba_jax.program.primitives import LAYER_PRODUCTS, SHAPE_OPS, UNARY_VIEWS, is_float, reshape_groups
+from oba_jax.program.primitives import IDENTITY_LIKE, LAYER_PRODUCTS, SHAPE_OPS, UNARY_VIEWS, is_float, reshape_groups
 
 __all__ = ["Layer", "LayerUse", "FoundLayers", "find_layers"]
 
@@ -231,7 +231,7 @@ def _unary_view(eqn: Equation, view: View) -> View:
     flipped = view.flipped
     if name == "rev":
         flipped = flipped ^ ({axes[d] for d in eqn.params["dimensions"] if axes[d] >= 0} if axes else set())
-    # convert_element_type, copy, reduce_precision: same entries, same axes
+    # IDENTITY_LIKE (casts, copies, sharding annotations): same entries, same axes
     return View(view.leaf, out_shape, axes, region, _then(view, _eqn_step(eqn, 0, [view])), frozenset(flipped))
 
 
@@ -576,7 +576,7 @@ class _FindLayers:
         in_shape, out_shape = tuple(eqn.invars[0].aval.shape), tuple(eqn.outvars[0].aval.shape)
         out = []
         for layer_key, axes in ins[0].carriers:
-            if name in ("convert_element_type", "copy", "copy_p", "reduce_precision"):
+            if name in IDENTITY_LIKE:
                 out.append((layer_key, axes))
             elif name == "transpose":
                 perm = eqn.params["permutation"]

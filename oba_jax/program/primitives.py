@@ -1,32 +1,62 @@
-"""Classes of primitives, by how the OBA analyses treat them."""
+"""Classes of primitives, by how the OBA analyses treat them: the one table the layer search, the channel
+groups, the MAC counter and the connectivity read (a new primitive is taught here)."""
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import jax.numpy as jnp
 
-__all__ = ["LAYER_PRODUCTS", "PRODUCTS", "SHAPE_OPS", "UNARY_VIEWS", "is_float", "is_linear", "reshape_groups"]
+__all__ = ["ELEMENTWISE", "IDENTITY_LIKE", "LAYER_PRODUCTS", "PRODUCTS", "SHAPE_OPS", "UNARY_VIEWS", "is_float",
+           "is_linear", "product_macs", "reshape_groups"]
 
-# One operand, only moves / copies / casts entries: a view of a parameter stays a view of it.
-UNARY_VIEWS = frozenset({
-    "reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims", "convert_element_type",
-    "copy", "copy_p", "rev", "slice", "reduce_precision",
+# Every output is its operand, entry for entry and axis for axis (a cast or a copy at most): sharding and
+# layout annotations, barriers, names. Values, views, layers and channels pass through unchanged.
+IDENTITY_LIKE = frozenset({
+    "sharding_constraint", "optimization_barrier", "device_put", "pjit_sharding", "name", "copy", "copy_p",
+    "convert_element_type", "reduce_precision",
 })
+# One operand, only moves / copies / casts entries: a view of a parameter stays a view of it.
+UNARY_VIEWS = IDENTITY_LIKE | frozenset({"reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims", "rev",
+                                         "slice"})
 # Reshape-like: change the shape, not the order of entries.
 SHAPE_OPS = frozenset({"reshape", "squeeze", "expand_dims"})
 # Linear in every operand that depends on the parameters (given `is_linear`'s conditions).
 _LINEAR = UNARY_VIEWS | frozenset({
     "add", "add_any", "sub", "neg", "concatenate", "stack", "pad", "reduce_sum", "dynamic_slice",
     "dynamic_update_slice", "gather", "select_n", "split", "cumsum", "real", "imag", "complex", "conj",
-    "mul", "div", "dot_general", "conv_general_dilated", "reduce_window_sum",
-    "scatter-add", "scatter_add", "optimization_barrier", "sharding_constraint", "pjit_sharding",
-    "psum", "device_put", "name",
+    "mul", "div", "dot_general", "conv_general_dilated", "reduce_window_sum", "scatter-add", "scatter_add", "psum",
+})
+# Entry i of the output depends on entry i of every operand (after broadcasting): axes map to themselves.
+ELEMENTWISE = IDENTITY_LIKE | frozenset({
+    "add", "add_any", "sub", "mul", "div", "max", "min", "pow", "atan2", "rem", "nextafter", "and", "or",
+    "xor", "eq", "ne", "lt", "le", "gt", "ge", "neg", "exp", "exp2", "log", "log1p", "expm1", "tanh",
+    "logistic", "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "asinh", "acosh", "atanh",
+    "abs", "sign", "floor", "ceil", "round", "sqrt", "rsqrt", "cbrt", "square", "integer_pow", "erf",
+    "erfc", "erf_inv", "lgamma", "digamma", "is_finite", "not", "stop_gradient", "real", "imag", "conj",
+    "complex", "clamp", "population_count", "shift_left", "shift_right_logical", "shift_right_arithmetic",
+    "select_n",
 })
 # Bilinear: linear in each operand separately.
 PRODUCTS = frozenset({"mul", "dot_general", "conv_general_dilated"})
 # The products a Conv/Dense layer is made of (a weight operand and an activation operand).
 LAYER_PRODUCTS = frozenset({"dot_general", "conv_general_dilated"})
+
+
+def product_macs(eqn: Any) -> int:
+    """Multiply-accumulates of a `dot_general` / `conv_general_dilated` equation: output entries × the
+    entries each one contracts (contracted dims; a conv's kernel taps × input channels per group)."""
+    out = math.prod(eqn.outvars[0].aval.shape)
+    if eqn.primitive.name == "dot_general":
+        (lc, _), _ = eqn.params["dimension_numbers"]
+        lhs = eqn.invars[0].aval.shape
+        return int(out * math.prod(lhs[d] for d in lc))
+    if eqn.primitive.name != "conv_general_dilated":
+        raise ValueError(f"`{eqn.primitive.name}` is not a product of a layer (dot_general, conv_general_dilated)")
+    rhs = eqn.invars[1].aval.shape
+    dn = eqn.params["dimension_numbers"]
+    return int(out * math.prod(rhs[d] for d in dn.rhs_spec[2:]) * rhs[dn.rhs_spec[1]])
 
 
 def is_float(aval: Any) -> bool:
