@@ -111,3 +111,50 @@ class SmallVGG(nnx.Module):
         h = nnx.max_pool(nnx.relu(self.c2(h)), (2, 2), (2, 2))
         h = nnx.relu(self.bn3(self.c3(h)))
         return self.fc(h.mean(axis=(1, 2)))
+
+
+def causal_lm_params(seed=0, vocab=7, d=8, q_heads=4, kv_heads=2, head_dim=2, hidden=6):
+    """A one-block decoder: token embedding, RMSNorm, GQA attention (2 query heads per key/value head) with
+    RoPE, SwiGLU MLP, RMSNorm, untied vocabulary head. Plain-function parameters (float64 under x64)."""
+    rng = np.random.default_rng(seed)
+    w = lambda *shape: jnp.asarray(rng.normal(size=shape) / np.sqrt(shape[0]))
+    return {"embed": jnp.asarray(rng.normal(size=(vocab, d))),
+            "norm1": {"scale": jnp.asarray(1 + 0.1 * rng.normal(size=d))},
+            "q": {"kernel": w(d, q_heads, head_dim)}, "k": {"kernel": w(d, kv_heads, head_dim)},
+            "v": {"kernel": w(d, kv_heads, head_dim)}, "o": {"kernel": w(q_heads, head_dim, d)},
+            "norm2": {"scale": jnp.asarray(1 + 0.1 * rng.normal(size=d))},
+            "gate": {"kernel": w(d, hidden)}, "up": {"kernel": w(d, hidden)}, "down": {"kernel": w(hidden, d)},
+            "norm_f": {"scale": jnp.asarray(1 + 0.1 * rng.normal(size=d))},
+            "lm_head": {"kernel": w(d, vocab), "bias": jnp.asarray(0.1 * rng.normal(size=vocab))}}
+
+
+def causal_lm_apply(p, ids, lin=lambda f, u: f(u)):
+    """Logits `(batch, tokens, vocab)`; `lin(f, u)` wraps every nonlinearity (the oracle linearises them)."""
+    def rms(h, scale):
+        return lin(lambda u: u * jax.lax.rsqrt((u * u).mean(-1, keepdims=True) + 1e-6), h) * scale
+
+    def rope(t):                      # (batch, tokens, heads, head_dim), pairs (2i, 2i+1) rotated
+        n, hd = t.shape[1], t.shape[-1]
+        freq = 1.0 / (100.0 ** (np.arange(0, hd, 2) / hd))
+        angle = np.arange(n)[:, None] * freq[None, :]
+        cos, sin = np.repeat(np.cos(angle), 2, -1)[None, :, None, :], np.repeat(np.sin(angle), 2, -1)[None, :, None, :]
+        pairs = t.reshape(*t.shape[:-1], hd // 2, 2)
+        rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], -1).reshape(t.shape)
+        return t * cos + rotated * sin
+
+    x = jnp.take(p["embed"], ids, axis=0)
+    a = rms(x, p["norm1"]["scale"])
+    q = rope(jnp.einsum("btd,dhe->bthe", a, p["q"]["kernel"]))
+    k = rope(jnp.einsum("btd,dhe->bthe", a, p["k"]["kernel"]))
+    v = jnp.einsum("btd,dhe->bthe", a, p["v"]["kernel"])
+    group = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    s = jnp.einsum("bqhe,bkhe->bhqk", q, k) / np.sqrt(q.shape[-1])
+    n = ids.shape[1]
+    s = jnp.where(np.tril(np.ones((n, n), bool)), s, -1e9)
+    att = lin(lambda u: jax.nn.softmax(u, axis=-1), s)
+    h = x + jnp.einsum("bhqk,bkhe,hed->bqd", att, v, p["o"]["kernel"])
+    m = rms(h, p["norm2"]["scale"])
+    gate = lin(jax.nn.silu, m @ p["gate"]["kernel"])
+    h = h + (gate * (m @ p["up"]["kernel"])) @ p["down"]["kernel"]
+    return rms(h, p["norm_f"]["scale"]) @ p["lm_head"]["kernel"] + p["lm_head"]["bias"]

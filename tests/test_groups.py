@@ -12,7 +12,7 @@ import models
 import oba_jax
 import torchlike as T
 from conftest import REFERENCE_DIR
-from nets import AttentionBlock, ConcatNet, ResidualBNNet, mlp_apply, mlp_params
+from nets import AttentionBlock, ConcatNet, ResidualBNNet, causal_lm_apply, causal_lm_params, mlp_apply, mlp_params
 
 
 def _members(group):
@@ -150,6 +150,41 @@ def test_rows_looked_up_by_index_are_not_a_channel_group_but_the_embedding_width
     width = next(g for g in groups if ("emb", 1) in _members(g))
     assert not rows.prunable and "looked up by index" in rows.reason and "gather" in rows.reason
     assert width.prunable and _members(width) == {("emb", 1), ("head/kernel", 0)}
+
+
+def test_causal_lm_groups_gqa_rope_swiglu():
+    """Issue 19 item 4: a decoder with (batch, tokens, vocab) logits. Query heads within a key/value group,
+    key/value groups, RoPE pairs of the q·k head dim (the position inside a pair is picked by slices: not
+    prunable), v's head dim, MLP units, the residual stream; embedding rows and the vocabulary are not."""
+    params = causal_lm_params(head_dim=4)
+    groups = oba_jax.channel_groups(causal_lm_apply, params, jnp.asarray(np.arange(15).reshape(3, 5) % 7))
+    by_members = {frozenset((m.path, m.axis, m.indices.shape[1]) for m in g.members): g for g in groups}
+    expect = {
+        "embed": {("embed", 1, 1), ("norm1/scale", 0, 1), ("norm2/scale", 0, 1), ("norm_f/scale", 0, 1),
+                  ("q/kernel", 0, 1), ("k/kernel", 0, 1), ("v/kernel", 0, 1), ("o/kernel", 2, 1),
+                  ("gate/kernel", 0, 1), ("up/kernel", 0, 1), ("down/kernel", 1, 1), ("lm_head/kernel", 0, 1)},
+        "hidden": {("gate/kernel", 1, 1), ("up/kernel", 1, 1), ("down/kernel", 0, 1)},
+        "heads": {("k/kernel", 1, 1), ("v/kernel", 1, 1), ("q/kernel", 1, 2), ("o/kernel", 0, 2)},  # kv groups
+        "heads/within": {("q/kernel", 1, 2), ("o/kernel", 0, 2)},                  # query heads in a kv group
+        "head_dim/v": {("v/kernel", 2, 1), ("o/kernel", 1, 1)},
+    }
+    for label, members in expect.items():
+        g = by_members[frozenset(members)]
+        assert g.kind == label.split("/")[0] and g.prunable, (label, g)
+    kv = by_members[frozenset(expect["heads"])]
+    np.testing.assert_array_equal(kv.member("q/kernel", 1).indices, [[0, 1], [2, 3]])   # q head h = 2·g + j
+    # the q·k head dim: RoPE pairs (2i, 2i+1) are channels; the position inside a pair is picked by slices
+    qk = {tuple(map(tuple, g.member("q/kernel", 2).indices)): g for g in groups
+          if {(m.path, m.axis) for m in g.members} == {("q/kernel", 2), ("k/kernel", 2)}}
+    assert set(qk) == {((0, 1), (2, 3)), ((0, 2), (1, 3))}
+    pairs, inside = qk[((0, 1), (2, 3))], qk[((0, 2), (1, 3))]
+    assert pairs.kind == "head_dim" and pairs.prunable
+    np.testing.assert_array_equal(pairs.member("k/kernel", 2).indices, [[0, 1], [2, 3]])
+    assert not inside.prunable and "picks single channels" in inside.reason
+    rows = [g for g in groups if {(m.path, m.axis) for m in g.members} == {("embed", 0)}]
+    vocab = [g for g in groups if ("lm_head/bias", 0) in {(m.path, m.axis) for m in g.members}]
+    assert not rows[0].prunable and not vocab[0].prunable and "logits" in vocab[0].reason
+    assert len(groups) == 9
 
 
 def test_ignore_by_group_or_layer():

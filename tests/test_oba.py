@@ -8,7 +8,7 @@ from flax import nnx
 
 import oba_jax
 from oba_jax import score, softmax_cross_entropy
-from nets import gated_apply, gated_params, mlp_apply, mlp_params
+from nets import causal_lm_apply, causal_lm_params, gated_apply, gated_params, mlp_apply, mlp_params
 from oracles import h_minus_g
 
 sg = jax.lax.stop_gradient
@@ -124,6 +124,26 @@ def test_attention_block_matches_linearised_dense_hessian(x64):
     _assert_rel(_flat(r.parts["upward"]) + _flat(r.parts["downward"]) + par, oracle, 1e-8)
     # Without parts the score takes the other construction (reverse over a written-out tangent).
     _assert_rel(_flat(score(_attention, params, [(x, y)], dtype=jnp.float64).sum), oracle, 1e-8)
+
+
+def test_causal_lm_token_logits_match_linearised_dense_hessian(x64):
+    """Issue 19 item 4: logits (batch, tokens, vocab), labels (batch, tokens), the mean token cross-entropy;
+    RoPE, GQA (2 query heads per key/value head), SwiGLU, RMSNorm. Embedding and norm scales are not layers."""
+    params = causal_lm_params(head_dim=4)
+    rng = np.random.default_rng(7)
+    ids, labels = (jnp.asarray(rng.integers(0, 7, (3, 5))) for _ in range(2))
+    unscored = {"embed", "norm1/scale", "norm2/scale", "norm_f/scale"}
+    mask = np.concatenate([np.full(np.size(l), 0.0 if p in unscored else 1.0)
+                           for p, l in zip(oba_jax.leaf_paths(params), jax.tree_util.tree_leaves(params))])
+    oracle = _linearised_oracle(lambda p, x: causal_lm_apply(p, x, lin=_lin), params, ids, labels, mask)
+    for parts in (False, True):
+        r = score(causal_lm_apply, params, [(ids, labels)], dtype=jnp.float64, parts=parts)
+        _assert_rel(_flat(r.sum), oracle, 1e-8)
+    assert set(r.graph.unscored) == unscored and len(r.graph.parallel) == 3   # q·k, att·v, gate ⊙ up
+    stacked = score(causal_lm_apply, params, (ids[None], labels[None]), dtype=jnp.float64)   # (1, batch, tokens)
+    _assert_rel(_flat(stacked.sum), oracle, 1e-8)
+    with pytest.raises(ValueError, match=r"\(\.\.\., classes\) = \(3, C\)"):
+        score(causal_lm_apply, params, [(ids, labels[:, 0])])
 
 
 def test_written_out_tangent_is_the_networks_directional_derivative(x64):

@@ -311,6 +311,7 @@ class _Groups:
         self.nodes = _Nodes()
         self.found = found
         self.heads: set[int] = set()
+        self.head_dims: set[int] = set()   # the per-head feature axes of attention-like products
         self.products: list[tuple[int, tuple[int | None, ...], bool]] = []   # (MACs, axis nodes, attention)
 
     # -- interpreter hooks ------------------------------------------------------------------
@@ -433,6 +434,9 @@ def _slice(g: _Groups, eqn: Equation, ins: list[_Val], where: str) -> list[tuple
         if n is None or (lo, hi, st) == (0, shape[d], 1):
             axes.append(n)
         elif _unit(hi - lo):
+            if not _is_spatial(g, n):   # one entry picked by position: pruning would shift which one it is
+                g.nodes.block(n, f"a slice picks single channels by position at {where} (e.g. the pairs a "
+                                 "rotary embedding rotates)")
             axes.append(None)
         elif st != 1:
             g.nodes.block(n, f"a strided slice of a channel axis at {where}")
@@ -493,10 +497,12 @@ def _dot_general(g: _Groups, eqn: Equation, ins: list[_Val], where: str) -> list
     for x, y in zip(lc, rc):
         g.same(a.axes[x], b.axes[y], where)
     batch = [g.same(a.axes[x], b.axes[y], where) for x, y in zip(lb, rb)]
-    if a.act and b.act:   # attention-like: the shared (batch) axes besides the batch are heads
-        g.heads.update(n for n in batch if n is not None)
     free_a = [n for i, n in enumerate(a.axes) if i not in lc and i not in lb]
     free_b = [n for i, n in enumerate(b.axes) if i not in rc and i not in rb]
+    if a.act and b.act:   # attention-like: the shared (batch) axes besides the batch are heads, the
+        # contracted and free ones the head dims (q·k's, and v's in att·v) or tokens (flagged apart)
+        g.heads.update(n for n in batch if n is not None)
+        g.head_dims.update(n for n in [a.axes[x] for x in lc] + free_a + free_b if n is not None)
     out = tuple(batch + free_a + free_b)
     if a.act or b.act:   # per-example work: its MACs shrink with the kept fraction of every axis involved
         g.products.append((product_macs(eqn), out + tuple(a.axes[x] for x in lc), a.act and b.act))
@@ -750,7 +756,7 @@ def _collect(program: Program, found: FoundLayers, rules: _Groups, leaves: list[
             atom_reason.setdefault(a, why)
     residual = {a for n in nodes.residual for a in nodes.atoms(n)}
     heads = {a for n in rules.heads for a in nodes.atoms(n)}
-    head_dims = set()
+    head_dims = {a for n in rules.head_dims for a in nodes.atoms(n)} - heads
     for r, (kind, children) in nodes.struct.items():
         if kind == "factor" and nodes.find(r) == r:
             kids = [nodes.find(c) for c in children]

@@ -65,7 +65,7 @@ def trace_program(apply_fn: Callable, params: Any, example_inputs: Any) -> Progr
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*leaves, *in_leaves)
     out_leaves = jax.tree_util.tree_leaves(out_shape)
     if len(out_leaves) != 1:
-        raise ValueError(f"apply_fn must return one array of logits (batch, classes); it returned "
+        raise ValueError(f"apply_fn must return one array of logits (..., classes); it returned "
                          f"{len(out_leaves)} arrays")
     return Program(closed=closed, paths=tuple(leaf_paths(params)), params_treedef=treedef,
                    out_shape=tuple(out_leaves[0].shape))

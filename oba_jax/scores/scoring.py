@@ -61,7 +61,7 @@ class ScoreResult:
 
 def _is_stacked(batches: Any) -> bool:
     return (isinstance(batches, tuple) and len(batches) == 2
-            and hasattr(batches[1], "ndim") and batches[1].ndim == 2)
+            and hasattr(batches[1], "ndim") and batches[1].ndim >= 2)
 
 
 def _first_batch(batches: Any) -> tuple[Any, Any]:
@@ -101,10 +101,12 @@ def _check_labels(labels: Any, num_classes: int, where: str) -> None:
 
 
 def _check_output(out_shape: tuple[int, ...], labels_shape: tuple[int, ...], where: str) -> None:
-    if len(out_shape) != 2 or len(labels_shape) != 1 or out_shape[0] != labels_shape[0]:
-        batch = labels_shape[0] if labels_shape else "?"
-        raise ValueError(f"apply_fn must return logits of shape (batch, classes) = ({batch}, C); "
-                         f"it returned shape {out_shape} for labels of shape {labels_shape} ({where})")
+    """Logits `(..., classes)` for integer labels of the leading shape `(...)`: `(batch, classes)` for a
+    classifier, `(batch, tokens, vocab)` for a language model (the loss is the mean over every label)."""
+    if len(labels_shape) < 1 or tuple(out_shape[:-1]) != tuple(labels_shape):
+        shown = ", ".join(str(d) for d in labels_shape) if labels_shape else "batch"
+        raise ValueError(f"apply_fn must return logits of shape (..., classes) = ({shown}, C): the labels' shape "
+                         f"and the classes; it returned shape {out_shape} for labels of shape {labels_shape} ({where})")
     if labels_shape[0] == 0:
         raise ValueError(f"empty batch: labels of shape {labels_shape} ({where})")
 
@@ -342,7 +344,7 @@ class Scorer:
 
 def scorer(apply_fn: Callable[[Any, Any], jax.Array], params: Any, example_inputs: Any = None,
            method: str = "oba", **options: Any) -> Scorer:
-    """A `Scorer` for `apply_fn(params, inputs) -> logits (batch, classes)`: call it with `(params, batches)`.
+    """A `Scorer` for `apply_fn(params, inputs) -> logits (..., classes)`: call it with `(params, batches)`.
 
     `example_inputs` (one batch of inputs, arrays or `jax.ShapeDtypeStruct`s) fixes the shapes the
     program is traced and analysed for first; other batch shapes get their own compiled programs.
@@ -358,10 +360,12 @@ _CACHE: collections.OrderedDict[tuple, Scorer] = collections.OrderedDict()
 
 def score(apply_fn: Callable[[Any, Any], jax.Array], params: Any, batches: Any, method: str = "oba", *,
           loss: LossFn | None = None, precision: str = "highest", dtype: Any = None, **options: Any) -> ScoreResult:
-    """Per-parameter importance of `params` for `apply_fn(params, inputs) -> logits (batch, classes)`.
+    """Per-parameter importance of `params` for `apply_fn(params, inputs) -> logits (..., classes)`.
 
     `batches`: an iterable of `(inputs, labels)` or a pair `(inputs, labels)` stacked along a leading
-    batch-count axis (labels of shape `(num_batches, batch)`). Scores are summed over batches inside jit;
+    batch-count axis (labels of shape `(num_batches, batch, ...)`). Labels are integer classes of the
+    logits' leading shape: `(batch,)` for a classifier, `(batch, tokens)` for a language model; the default
+    loss is the mean cross-entropy over all of them. Scores are summed over batches inside jit;
     with several devices each batch is sharded across them. `dtype=jnp.float64` scores in double
     precision (needs `jax_enable_x64`). Method options (OBA: `parts`, `first_order`, the deltas,
     `exclude`; random: `seed`) are checked against the method.
