@@ -42,7 +42,7 @@ def test_shrunk_model_equals_masked_model(family, kinds):
     groups = oba_jax.model_channel_groups(model, x)
     kept = _half(groups, kinds)
     assert kept
-    small, masked = oba_jax.shrink_model(model, groups, kept), oba_jax.mask_model(model, groups, kept)
+    small, masked = oba_jax.shrink_model(model, groups, kept, verify=x), oba_jax.mask_model(model, groups, kept)
     assert type(small) is type(model) and small.spec != spec
     # the smaller spec is the whole story: a model built from it alone, filled with the arrays, is the same
     rebuilt = models.build_model(small.spec, rngs=nnx.Rngs(5))
@@ -119,6 +119,37 @@ def test_shrink_params_of_a_pure_jax_model():
     masked = oba_jax.mask_params(params, groups, kept)
     assert float(jnp.abs(masked["l0"]["bias"][np.array([1, 2, 4])]).max()) == 0.0
     np.testing.assert_allclose(mlp_apply(small, x), mlp_apply(masked, x), rtol=1e-6, atol=1e-6)
+
+
+def _width_scaled_attention(p, x):
+    """Attention whose scale is computed from the head dim at trace time, as most model code does."""
+    q, k, v = (x @ p[n]["kernel"] for n in ("q", "k", "v"))          # (batch, tokens, head_dim)
+    att = jax.nn.softmax(q @ jnp.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1]), axis=-1)
+    return (att @ v).mean(1) @ p["head"]["kernel"]
+
+
+def test_verify_refuses_a_shrink_that_changes_the_function():
+    """Issue 19, measured item 3: shrinking head dims of a model that computes 1/sqrt(head_dim) from the
+    width silently changed its logits; `verify` makes it an error. A shape-agnostic MLP passes."""
+    rng = np.random.default_rng(8)
+    p = {n: {"kernel": jnp.asarray(rng.normal(size=s), jnp.float32)}
+         for n, s in (("q", (5, 4)), ("k", (5, 4)), ("v", (5, 4)), ("head", (4, 3)))}
+    x = jnp.asarray(rng.normal(size=(2, 6, 5)), jnp.float32)
+    groups = oba_jax.channel_groups(_width_scaled_attention, p, x)
+    qk = next(g for g in groups if g.kind == "head_dim" and ("q/kernel", 1) in {(m.path, m.axis) for m in g.members})
+    kept = {qk.name: np.array([0, 2])}
+    silent = oba_jax.shrink_params(p, groups, kept)
+    masked = oba_jax.mask_params(p, groups, kept)
+    assert _rel(_width_scaled_attention(silent, x), _width_scaled_attention(masked, x)) > 1e-3
+    with pytest.raises(oba_jax.ShrinkMismatchError, match="relative to the largest output"):
+        oba_jax.shrink_params(p, groups, kept, verify=(_width_scaled_attention, x))
+    with pytest.raises(TypeError, match="pair"):
+        oba_jax.shrink_params(p, groups, kept, verify=_width_scaled_attention)
+    params = mlp_params((6, 5, 4, 3))
+    xm = jnp.asarray(rng.normal(size=(7, 6)), jnp.float32)
+    mlp_groups = oba_jax.channel_groups(mlp_apply, params, xm)
+    small = oba_jax.shrink_params(params, mlp_groups, {"l0": np.array([0, 3])}, verify=(mlp_apply, xm))
+    assert small["l0"]["kernel"].shape == (6, 2)
 
 
 def test_bad_plans_are_clear_errors():

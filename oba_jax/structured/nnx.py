@@ -14,7 +14,7 @@ from oba_jax.graph import ChannelGroup, GroupGraph, find_groups
 from oba_jax.paths import flat_by_path
 from oba_jax.program import trace_program
 from oba_jax.scores import model_apply
-from oba_jax.structured.shrink import mask_params, shrink_params
+from oba_jax.structured.shrink import check_same_outputs, mask_params, shrink_params
 
 __all__ = ["is_param", "mask_model", "model_channel_groups", "model_group_graph", "model_path", "shrink_model", "state_path"]
 
@@ -117,11 +117,22 @@ def _resize_attributes(model: nnx.Module, groups: Sequence[ChannelGroup], kept: 
             setattr(found[0], found[1], int(len(kept[g.name])))
 
 
-def shrink_model(model: nnx.Module, groups: Sequence[ChannelGroup], kept: Mapping[str, Any]) -> nnx.Module:
+def shrink_model(model: nnx.Module, groups: Sequence[ChannelGroup], kept: Mapping[str, Any], *,
+                 verify: Any = None) -> nnx.Module:
     """A physically smaller copy of `model` (groups from `model_channel_groups`): parameters and
     BatchNorm statistics sliced, module shape attributes updated. A zoo model (one with `spec` and
     `spec_from_shapes`) comes back as the same class built from the smaller spec, so its checkpoint
-    restores in a fresh process from the spec alone. `model` is not changed."""
+    restores in a fresh process from the spec alone. `model` is not changed.
+
+    `verify`: inputs of one batch; the shrunk model's outputs on it must equal the masked model's
+    (`mask_model`), else `ShrinkMismatchError` (a module that derives something from a pruned width)."""
+    small = _shrink_model(model, groups, kept)
+    if verify is not None:
+        check_same_outputs(mask_model(model, groups, kept)(verify), nnx.clone(small)(verify), "shrink_model")
+    return small
+
+
+def _shrink_model(model: nnx.Module, groups: Sequence[ChannelGroup], kept: Mapping[str, Any]) -> nnx.Module:
     graphdef, state = nnx_model.split(nnx.clone(model))
     small = shrink_params(state, _in_state(groups), kept)
     resized = nnx_model.merge(graphdef, small)

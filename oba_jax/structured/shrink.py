@@ -3,11 +3,17 @@
 A plan `kept = {group name: sorted unique indices to keep}` (a group not named keeps everything)
 becomes, for every (leaf, axis) a group runs along, the positions to keep on that axis; the arrays are
 then gathered (or masked) in one jitted call whose index arrays are arguments.
+
+The masked parameters compute what removing the channels means. The shrunk ones compute the same only
+through an apply function that derives nothing from the widths: code that computes an attention scale
+`1/sqrt(q.shape[-1])`, RoPE frequencies from the head dim, or reshapes to a configured number of heads
+computes something else on smaller arrays (or fails). `verify` checks one batch and raises
+`ShrinkMismatchError` instead of returning such a result.
 """
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -17,9 +23,37 @@ import numpy as np
 from oba_jax.graph import ChannelGroup
 from oba_jax.paths import leaf_paths
 
-__all__ = ["check_plan", "kept_positions", "mask_params", "shrink_params"]
+__all__ = ["ShrinkMismatchError", "check_plan", "check_same_outputs", "kept_positions", "mask_params",
+           "shrink_params"]
 
 Plan = Mapping[str, Any]
+
+
+class ShrinkMismatchError(ValueError):
+    """The shrunk model's outputs differ from the masked model's on the verify batch."""
+
+
+def check_same_outputs(masked: Any, shrunk: Any, what: str) -> float:
+    """The largest difference of `shrunk` from `masked` relative to the largest |masked| (pytrees of
+    arrays); `ShrinkMismatchError` above the tolerance of their dtype (float64: 1e-10, else 1e-4)."""
+    a_leaves, b_leaves = jax.tree_util.tree_leaves(masked), jax.tree_util.tree_leaves(shrunk)
+    shapes = [np.shape(x) for x in a_leaves], [np.shape(x) for x in b_leaves]
+    if shapes[0] != shapes[1]:
+        raise ShrinkMismatchError(f"{what}: the shrunk model returns shapes {shapes[1]}, the masked one {shapes[0]}")
+    wide = all(jnp.result_type(x) == jnp.float64 for x in a_leaves)
+    tol = 1e-10 if wide else 1e-4
+    a = np.concatenate([np.asarray(x, np.float64).reshape(-1) for x in a_leaves])
+    b = np.concatenate([np.asarray(x, np.float64).reshape(-1) for x in b_leaves])
+    scale = max(float(np.max(np.abs(a), initial=0.0)), np.finfo(np.float64).tiny)
+    err = float(np.max(np.abs(a - b), initial=0.0)) / scale
+    if not err <= tol:   # NaN included
+        raise ShrinkMismatchError(
+            f"{what}: on the verify batch the shrunk model's outputs differ from the masked model's by {err:.3g} "
+            f"relative to the largest output (tolerance {tol:g}). The model computes something from a pruned "
+            "width (an attention scale 1/sqrt(head_dim), RoPE frequencies, a reshape to a configured number of "
+            "heads, a mean over a pruned axis); use the masked parameters (mask_params / mask_model), or "
+            "compute those constants from the dense widths")
+    return err
 
 
 def check_plan(groups: Sequence[ChannelGroup], kept: Plan) -> dict[str, np.ndarray]:
@@ -103,10 +137,21 @@ def _apply(params: Any, groups: Sequence[ChannelGroup], kept: Plan, masked: bool
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def shrink_params(params: Any, groups: Sequence[ChannelGroup], kept: Plan) -> Any:
-    """`params` with every removed channel cut out of every member axis: a physically smaller pytree
-    (shape-agnostic apply functions run on it unchanged)."""
-    return _apply(params, groups, kept, masked=False)
+def shrink_params(params: Any, groups: Sequence[ChannelGroup], kept: Plan, *,
+                  verify: tuple[Callable[[Any, Any], Any], Any] | None = None) -> Any:
+    """`params` with every removed channel cut out of every member axis: a physically smaller pytree.
+
+    It computes what the masked parameters compute only through an apply function that derives nothing
+    from the widths (see the module docstring). `verify=(apply_fn, inputs)` runs one batch through the
+    masked and the shrunk parameters and raises `ShrinkMismatchError` when they differ."""
+    small = _apply(params, groups, kept, masked=False)
+    if verify is not None:
+        if not (isinstance(verify, tuple) and len(verify) == 2 and callable(verify[0])):
+            raise TypeError("verify must be a pair (apply_fn, inputs of one batch)")
+        apply_fn, inputs = verify
+        check_same_outputs(apply_fn(mask_params(params, groups, kept), inputs), apply_fn(small, inputs),
+                           "shrink_params")
+    return small
 
 
 def mask_params(params: Any, groups: Sequence[ChannelGroup], kept: Plan) -> Any:
