@@ -6,7 +6,7 @@ from oba_jax.paths import leaf_paths
 from oba_jax.scores import (IMPORTANCE, METHODS, LayerChannelScores, ScoreResult, Scorer, channel_scores,
                             model_apply, model_connectivity, model_scorer, score, score_model, scorer)
 from oba_jax.structured import (ShrinkMismatchError, mask_model, mask_params, model_channel_groups, shrink_model,
-                                shrink_params)
+                                shrink_params, shrink_program)
 from oba_jax.unstructured import (MaskUpdater, apply_masks, mask_sparsity, masked_optimizer, progressive_masks,
                                   unstructured_masks)
 
@@ -15,6 +15,6 @@ __all__ = [
     "MacCount", "MaskUpdater", "ParallelProduct", "ScoreResult", "Scorer", "ShrinkMismatchError", "apply_masks", "channel_groups",
     "channel_scores", "connectivity", "count_macs", "count_params", "leaf_paths", "mask_model", "mask_params",
     "mask_sparsity", "masked_optimizer", "model_apply", "model_channel_groups", "model_connectivity",
-    "model_scorer", "progressive_masks", "score", "score_model", "scorer", "shrink_model", "shrink_params",
+    "model_scorer", "progressive_masks", "score", "score_model", "scorer", "shrink_model", "shrink_params", "shrink_program",
     "softmax_cross_entropy", "unstructured_masks",
 ]

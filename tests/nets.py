@@ -158,3 +158,11 @@ def causal_lm_apply(p, ids, lin=lambda f, u: f(u)):
     gate = lin(jax.nn.silu, m @ p["gate"]["kernel"])
     h = h + (gate * (m @ p["up"]["kernel"])) @ p["down"]["kernel"]
     return rms(h, p["norm_f"]["scale"]) @ p["lm_head"]["kernel"] + p["lm_head"]["bias"]
+
+
+def width_scaled_attention(p, x):
+    """One-head attention whose scale 1/sqrt(head_dim) is computed from the width at trace time, as most
+    model code does; `p`: q, k, v (d, head_dim) and head (head_dim, classes) kernels."""
+    q, k, v = (x @ p[n]["kernel"] for n in ("q", "k", "v"))          # (batch, tokens, head_dim)
+    att = jax.nn.softmax(q @ jnp.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1]), axis=-1)
+    return (att @ v).mean(1) @ p["head"]["kernel"]

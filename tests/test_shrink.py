@@ -9,7 +9,7 @@ from flax import nnx
 
 import models
 import oba_jax
-from nets import ConcatNet, ResidualBNNet, mlp_apply, mlp_params
+from nets import ConcatNet, ResidualBNNet, mlp_apply, mlp_params, width_scaled_attention
 
 FAMILIES = {
     "mlp": lambda: models.make_spec("mlp", hidden=(9, 7)),
@@ -121,13 +121,6 @@ def test_shrink_params_of_a_pure_jax_model():
     np.testing.assert_allclose(mlp_apply(small, x), mlp_apply(masked, x), rtol=1e-6, atol=1e-6)
 
 
-def _width_scaled_attention(p, x):
-    """Attention whose scale is computed from the head dim at trace time, as most model code does."""
-    q, k, v = (x @ p[n]["kernel"] for n in ("q", "k", "v"))          # (batch, tokens, head_dim)
-    att = jax.nn.softmax(q @ jnp.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1]), axis=-1)
-    return (att @ v).mean(1) @ p["head"]["kernel"]
-
-
 def test_verify_refuses_a_shrink_that_changes_the_function():
     """Issue 19, measured item 3: shrinking head dims of a model that computes 1/sqrt(head_dim) from the
     width silently changed its logits; `verify` makes it an error. A shape-agnostic MLP passes."""
@@ -135,16 +128,16 @@ def test_verify_refuses_a_shrink_that_changes_the_function():
     p = {n: {"kernel": jnp.asarray(rng.normal(size=s), jnp.float32)}
          for n, s in (("q", (5, 4)), ("k", (5, 4)), ("v", (5, 4)), ("head", (4, 3)))}
     x = jnp.asarray(rng.normal(size=(2, 6, 5)), jnp.float32)
-    groups = oba_jax.channel_groups(_width_scaled_attention, p, x)
+    groups = oba_jax.channel_groups(width_scaled_attention, p, x)
     qk = next(g for g in groups if g.kind == "head_dim" and ("q/kernel", 1) in {(m.path, m.axis) for m in g.members})
     kept = {qk.name: np.array([0, 2])}
     silent = oba_jax.shrink_params(p, groups, kept)
     masked = oba_jax.mask_params(p, groups, kept)
-    assert _rel(_width_scaled_attention(silent, x), _width_scaled_attention(masked, x)) > 1e-3
+    assert _rel(width_scaled_attention(silent, x), width_scaled_attention(masked, x)) > 1e-3
     with pytest.raises(oba_jax.ShrinkMismatchError, match="relative to the largest output"):
-        oba_jax.shrink_params(p, groups, kept, verify=(_width_scaled_attention, x))
+        oba_jax.shrink_params(p, groups, kept, verify=(width_scaled_attention, x))
     with pytest.raises(TypeError, match="pair"):
-        oba_jax.shrink_params(p, groups, kept, verify=_width_scaled_attention)
+        oba_jax.shrink_params(p, groups, kept, verify=width_scaled_attention)
     params = mlp_params((6, 5, 4, 3))
     xm = jnp.asarray(rng.normal(size=(7, 6)), jnp.float32)
     mlp_groups = oba_jax.channel_groups(mlp_apply, params, xm)

@@ -31,7 +31,8 @@ from oba_jax.paths import matches
 from oba_jax.program import Equation, EqnKey, Program, call_kind, check_param_leaves, run, trace_program
 from oba_jax.program.primitives import ELEMENTWISE, IDENTITY_LIKE, is_float, product_macs, reshape_groups
 
-__all__ = ["ChannelGroup", "GroupGraph", "GroupMember", "KINDS", "channel_groups", "find_groups"]
+__all__ = ["AxisLayout", "ChannelGroup", "GroupGraph", "GroupMember", "KINDS", "axis_layout", "channel_groups",
+           "find_groups"]
 
 KINDS = ("channels", "hidden", "heads", "head_dim", "embed")
 
@@ -307,19 +308,29 @@ def _unit(n: int) -> bool:
 class _Groups:
     """Rules of the groups pass."""
 
-    def __init__(self, found: FoundLayers):
+    def __init__(self, found: FoundLayers, constant_nodes: bool = False):
         self.nodes = _Nodes()
         self.found = found
+        # the layout pass (`axis_layout`) gives constants nodes too, so that a constant combined with a
+        # channel axis (RoPE tables, masks, a width-derived scale vector) is known to run along it
+        self.constant_nodes = constant_nodes
+        self.record: dict[EqnKey, tuple[tuple, tuple]] = {}   # key -> (input axes, output axes), layout pass
+        self.entered: set[EqnKey] = set()
         self.heads: set[int] = set()
         self.head_dims: set[int] = set()   # the per-head feature axes of attention-like products
         self.products: list[tuple[int, tuple[int | None, ...], bool]] = []   # (MACs, axis nodes, attention)
 
     # -- interpreter hooks ------------------------------------------------------------------
     def constant(self, value: Any) -> _Val:
+        if self.constant_nodes:
+            return _Val(tuple(self._fresh(s) for s in np.shape(value)))
         return _Val((None,) * np.ndim(value))
 
     def enter(self, eqn: Equation, key: EqnKey, ins: list[_Val]) -> bool:
-        return call_kind(eqn) != "scan" or key in self.found.unrolled
+        entered = call_kind(eqn) != "scan" or key in self.found.unrolled
+        if entered and self.constant_nodes:
+            self.entered.add(key)
+        return entered
 
     def index(self, value: _Val, i: int) -> _Val:
         return _Val(value.axes[1:], value.act)
@@ -338,20 +349,27 @@ class _Groups:
         rule = AXIS_RULES.get(name)
         if rule is None and name in ELEMENTWISE:
             rule = _elementwise
-        if rule is None:
-            return self._unknown(eqn, ins, where)
-        outs = rule(self, eqn, ins, where)
+        outs = self._unknown(eqn, ins, where) if rule is None else rule(self, eqn, ins, where)
         act = any(v.act for v in ins)
+        if self.constant_nodes:
+            # every axis gets a node (a broadcast's new axis too), so that what it meets later sizes it
+            outs = [tuple(n if n is not None or _unit(s) else self.nodes.new(s) for n, s in zip(o, var.aval.shape))
+                    for o, var in zip(outs, eqn.outvars)]
+            self.record[key] = (tuple(v.axes for v in ins), tuple(outs))
         return [_Val(o, act) for o in outs]
 
-    def _unknown(self, eqn: Equation, ins: list[_Val], where: str) -> list[_Val]:
+    def _unknown(self, eqn: Equation, ins: list[_Val], where: str) -> list[tuple]:
         why = (f"`{eqn.primitive.name}` has no channel rule" + (": its body is not walked (not a scan with layers)"
                                                              if eqn.primitive.name in ("scan", "while", "cond") else ""))
         for v in ins:
             for n in v.axes:
                 if n is not None:
                     self.nodes.block(n, why)
-        return [_Val(tuple(self._fresh(s) for s in o.aval.shape), any(v.act for v in ins)) for o in eqn.outvars]
+        outs = [tuple(self._fresh(s) for s in o.aval.shape) for o in eqn.outvars]
+        if self.constant_nodes:
+            self.record[eqn_key_of_unknown := None] = ((), ())   # placeholder, replaced below
+            del self.record[eqn_key_of_unknown]
+        return [_Val(o, any(v.act for v in ins)) for o in outs]
 
     def _fresh(self, size: int) -> int | None:
         return None if _unit(size) else self.nodes.new(size)
@@ -662,10 +680,9 @@ class _Leaf:
     nodes: tuple[int | None, ...]
 
 
-def find_groups(program: Program, found: FoundLayers | None = None, ignore: Sequence[str] = ()) -> GroupGraph:
-    """The channel groups of a traced program (see the module docstring), with what it costs."""
-    found = found if found is not None else find_layers(program)
-    rules = _Groups(found)
+def _group_pass(program: Program, found: FoundLayers, ignore: Sequence[str], constant_nodes: bool = False):
+    """The walk of the groups: `(rules, leaves, input axes, groups, atom names)`."""
+    rules = _Groups(found, constant_nodes)
     nodes = rules.nodes
     jaxpr = program.jaxpr
     leaves: list[_Leaf] = []
@@ -680,18 +697,111 @@ def find_groups(program: Program, found: FoundLayers | None = None, ignore: Sequ
             # inputs: the batch axis, then spatial / token axes, the last axis the input channels
             flags = ["batch"] + ["spatial"] * (len(shape) - 2) + ["input"] if len(shape) > 1 else ["batch"]
             args.append(_Val(tuple(None if _unit(s) else nodes.new(s, f) for s, f in zip(shape, flags)), act=True))
-    (logits,) = run(jaxpr, [rules.constant(c) for c in program.consts], args, rules)
+    consts = [rules.constant(c) for c in program.consts]
+    (logits,) = run(jaxpr, consts, args, rules)
     for n in logits.axes:
         if n is not None:
             nodes.flags.setdefault(n, set()).add("output")
     groups, atom_names = _collect(program, found, rules, leaves, ignore)
-    formula = functools.partial(_formula, nodes)
+    return rules, leaves, tuple(a.axes for a in consts + args), logits.axes, groups, atom_names
+
+
+def find_groups(program: Program, found: FoundLayers | None = None, ignore: Sequence[str] = ()) -> GroupGraph:
+    """The channel groups of a traced program (see the module docstring), with what it costs."""
+    found = found if found is not None else find_layers(program)
+    rules, leaves, _, _, groups, atom_names = _group_pass(program, found, ignore)
+    formula = functools.partial(_formula, rules.nodes)
     products = tuple((macs, tuple(formula(n) for n in axes if n is not None), attention)
                      for macs, axes, attention in rules.products)
     sizes = tuple((leaf.path, math.prod(program.param_aval(leaf.index).shape),
                    tuple(formula(n) for n in leaf.nodes if n is not None)) for leaf in leaves
                   if is_float(program.param_aval(leaf.index)))
     return GroupGraph(groups=groups, products=products, leaves=sizes, atoms=MappingProxyType(atom_names))
+
+
+AxisNodes = tuple  # one node id (or None) per axis of a value
+
+
+class AxisLayout:
+    """Where every axis of every value of a program runs, for rewriting the program (`shrink_program`).
+
+    The groups pass with constants given nodes too, recording for every equation it evaluates (by its
+    `EqnKey`) the axis nodes of its inputs and outputs, and which calls and scans it entered. A node's
+    size and kept positions follow from the channels kept per atom (`kept_channels`) and the batch size."""
+
+    def __init__(self, program: Program, found: FoundLayers | None = None):
+        found = found if found is not None else find_layers(program)
+        rules, _, self.start_axes, self.output_axes, self.groups, atom_names = _group_pass(program, found, (), True)
+        self.program = program
+        self._nodes = rules.nodes
+        self.equations: Mapping[EqnKey, tuple[tuple[AxisNodes, ...], tuple[AxisNodes, ...]]] = \
+            MappingProxyType(rules.record)
+        self.entered = frozenset(rules.entered)
+        self._atom_of = {name: atom for atom, name in atom_names.items()}
+        self._batch_atoms = frozenset(a for n, flags in self._nodes.flags.items() if "batch" in flags
+                                      for a in self._nodes.atoms(n))
+
+    def kept_channels(self, positions: Mapping[tuple[str, int], np.ndarray]) -> dict[int, np.ndarray]:
+        """`{atom: kept channel indices}` from the kept positions of parameter leaf axes (`kept_positions`
+        of a plan): channel c of an atom is kept when any of its entries on a member axis is. A ValueError
+        when the members of one atom disagree (the program ties two groups of the plan together)."""
+        out: dict[int, np.ndarray] = {}
+        for g in self.groups:
+            verdicts = []
+            for m in g.members:
+                kept = positions.get((m.path, m.axis))
+                if kept is not None:
+                    # any: along a factored axis (query heads = kv groups × heads per group) the other
+                    # factor's plan removes some of a kept channel's entries
+                    verdicts.append((m, np.isin(m.indices, kept).any(axis=1)))
+            if not verdicts:
+                continue
+            first = verdicts[0][1]
+            for m, v in verdicts[1:]:
+                if not np.array_equal(v, first):
+                    raise ValueError(f"the plan keeps different channels on {verdicts[0][0].path!r} (axis "
+                                     f"{verdicts[0][0].axis}) and {m.path!r} (axis {m.axis}), which the program "
+                                     f"ties together (group {g.name!r} of the program); keep the same channels on both")
+            if not first.all():
+                out[self._atom_of[g.name]] = np.flatnonzero(first)
+        return out
+
+    def size(self, n: int | None, kept: Mapping[int, np.ndarray], batch: Any, full: int) -> Any:
+        """The size of node `n` with `kept` channels per atom and `batch` examples (`full`: its traced size,
+        for a None node)."""
+        if n is None:
+            return full
+        r = self._nodes.find(n)
+        s = self._nodes.struct.get(r)
+        if s is None:
+            if r in self._batch_atoms:
+                return batch
+            return len(kept[r]) if r in kept else self._nodes.size[r]
+        sizes = [self.size(c, kept, batch, 0) for c in s[1]]
+        return math.prod(sizes) if s[0] == "factor" else sum(sizes)
+
+    def positions(self, n: int | None, kept: Mapping[int, np.ndarray]) -> np.ndarray | None:
+        """The traced positions along node `n` that remain, ascending; None when all do."""
+        if n is None:
+            return None
+        pos = self._nodes.positions(n)
+        if not any(a in kept for a in pos):
+            return None
+        # a removed channel removes every entry it has along the node (a segment of a concatenation, a
+        # stride of a factor); what no atom removes remains
+        remains = np.ones(self._nodes.size[self._nodes.find(n)], bool)
+        for a, p in pos.items():
+            if a in kept:
+                remains[p[np.setdiff1d(np.arange(p.shape[0]), kept[a])].reshape(-1)] = False
+        return np.flatnonzero(remains)
+
+    def is_batch(self, n: int | None) -> bool:
+        return n is not None and any(a in self._batch_atoms for a in self._nodes.atoms(n))
+
+
+def axis_layout(program: Program, found: FoundLayers | None = None) -> AxisLayout:
+    """The `AxisLayout` of a traced program."""
+    return AxisLayout(program, found)
 
 
 def _formula(nodes: _Nodes, n: int) -> tuple:
