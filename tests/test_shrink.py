@@ -59,6 +59,24 @@ def test_shrunk_model_equals_masked_model(family, kinds):
     assert all(len(v) < sizes[k] for k, v in kept.items())
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_shrunk_program_of_every_zoo_family_is_the_mask_and_costs_what_the_group_graph_says(family):
+    """Issue 19: `shrink_program` on the zoo's pure apply function (no zoo-specific code): logits equal the
+    masked model's, and `GroupGraph.macs(kept)` / `.params(kept)` equal what the shrunk program counts."""
+    from oba_jax.graph import find_groups
+    from oba_jax.program import trace_program
+    spec = FAMILIES[family]()
+    model = models.build_model(spec, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(4, *models.input_shape(spec))), jnp.float32)
+    apply, state = oba_jax.model_apply(model, "eval")
+    graph = find_groups(trace_program(apply, state, x))
+    kept = _half([g for g in graph.groups if g.kind != "embed"], ("hidden", "channels", "heads", "head_dim"))
+    small_apply, small = oba_jax.shrink_program(apply, state, x, graph.groups, kept)
+    assert _rel(jax.jit(small_apply)(small, x), apply(oba_jax.mask_params(state, graph.groups, kept), x)) < 1e-5
+    assert graph.macs(kept) == oba_jax.count_macs(small_apply, small, x) < graph.macs()
+    assert graph.params(kept) == oba_jax.count_params(small) < graph.params()
+
+
 def test_vit_value_head_dims_shrink_on_their_own():
     spec = FAMILIES["vit"]()
     model = models.build_model(spec, rngs=nnx.Rngs(0))
