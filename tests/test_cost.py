@@ -75,3 +75,20 @@ def test_products_of_parameters_are_not_per_example_work():
     f = lambda p, x: x @ (p["a"] @ p["b"])    # (the analysis of layers would refuse this weight; MACs do not care)
     assert oba_jax.count_macs(f, p, jnp.ones((2, 4))) == 2 * 4 * 4
     assert np.isclose(oba_jax.count_params(p), 24)
+
+
+def test_product_axes_and_macs_of_a_dot_and_a_conv_by_hand():
+    """The one description of how a layer product moves axes (`program/primitives.py`), which the layer
+    search, the channel groups, the MAC counter and the program shrink read."""
+    from oba_jax.program.primitives import product_axes, product_macs
+    dot = jax.make_jaxpr(lambda x, w: jnp.einsum("btd,dhe->bthe", x, w))(jnp.ones((2, 3, 4)), jnp.ones((4, 5, 6)))
+    (eqn,) = [e for e in dot.jaxpr.eqns if e.primitive.name == "dot_general"]
+    pa = product_axes(eqn)
+    assert pa.contracted == ((2,), (0,)) and pa.batch == ((), ()) and pa.free == ((0, 1), (1, 2))
+    assert pa.out_free == ((0, 1), (2, 3)) and product_macs(eqn) == 2 * 3 * 5 * 6 * 4
+    conv = jax.make_jaxpr(lambda x, k: jax.lax.conv_general_dilated(
+        x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))(jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 7)))
+    (eqn,) = conv.jaxpr.eqns
+    pa = product_axes(eqn)
+    assert pa.contracted == ((3,), (2,)) and pa.free == ((0,), (3,)) and pa.out_free == ((0,), (3,))
+    assert pa.spatial == ((1, 2), (0, 1), (1, 2)) and product_macs(eqn) == 2 * 8 * 8 * 7 * 3 * 3 * 3

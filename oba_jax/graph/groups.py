@@ -29,7 +29,8 @@ import numpy as np
 from oba_jax.graph.layers import FoundLayers, find_layers
 from oba_jax.paths import matches
 from oba_jax.program import Equation, EqnKey, Program, call_kind, check_param_leaves, run, trace_program
-from oba_jax.program.primitives import ELEMENTWISE, IDENTITY_LIKE, is_float, product_macs, reshape_groups
+from oba_jax.program.primitives import (ELEMENTWISE, IDENTITY_LIKE, is_float, product_axes, product_macs,
+                                       reshape_groups)
 
 __all__ = ["AxisLayout", "ChannelGroup", "GroupGraph", "GroupMember", "KINDS", "axis_layout", "channel_groups",
            "find_groups"]
@@ -510,13 +511,13 @@ def _along_axis(g: _Groups, eqn: Equation, ins: list[_Val], where: str) -> list[
 
 
 def _dot_general(g: _Groups, eqn: Equation, ins: list[_Val], where: str) -> list[tuple]:
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    pa = product_axes(eqn)
+    (lc, rc), (lb, rb) = pa.contracted, pa.batch
     a, b = ins
     for x, y in zip(lc, rc):
         g.same(a.axes[x], b.axes[y], where)
     batch = [g.same(a.axes[x], b.axes[y], where) for x, y in zip(lb, rb)]
-    free_a = [n for i, n in enumerate(a.axes) if i not in lc and i not in lb]
-    free_b = [n for i, n in enumerate(b.axes) if i not in rc and i not in rb]
+    free_a, free_b = [a.axes[i] for i in pa.free[0]], [b.axes[i] for i in pa.free[1]]
     if a.act and b.act:   # attention-like: the shared (batch) axes besides the batch are heads, the
         # contracted and free ones the head dims (q·k's, and v's in att·v) or tokens (flagged apart)
         g.heads.update(n for n in batch if n is not None)
@@ -529,17 +530,18 @@ def _dot_general(g: _Groups, eqn: Equation, ins: list[_Val], where: str) -> list
 
 def _conv(g: _Groups, eqn: Equation, ins: list[_Val], where: str) -> list[tuple]:
     p = eqn.params
-    dn = p["dimension_numbers"]
+    pa = product_axes(eqn)
     lhs, rhs = ins
     lhs_shape, rhs_shape, out_shape = _shape(eqn.invars[0]), _shape(eqn.invars[1]), _shape(eqn.outvars[0])
     groups, batch_groups = int(p["feature_group_count"]), int(p["batch_group_count"])
-    c_in, k_in, k_out = dn.lhs_spec[1], dn.rhs_spec[1], dn.rhs_spec[0]
-    for d in dn.rhs_spec[2:]:
+    (c_in,), (k_in,) = pa.contracted
+    (k_out,), (out_channels,) = pa.free[1], pa.out_free[1]
+    for d in pa.spatial[1]:
         if rhs.axes[d] is not None:
             g.nodes.flags.setdefault(rhs.axes[d], set()).add("spatial")
     out: list[int | None] = [None] * len(out_shape)
-    out[dn.out_spec[0]] = lhs.axes[dn.lhs_spec[0]]
-    for d in dn.out_spec[2:]:
+    out[pa.out_free[0][0]] = lhs.axes[pa.free[0][0]]
+    for d in pa.spatial[2]:
         out[d] = None if _unit(out_shape[d]) else g.nodes.new(out_shape[d], "spatial")
     out_node = rhs.axes[k_out] if rhs.axes[k_out] is not None else g._fresh(rhs_shape[k_out])
     if groups == 1 and batch_groups == 1:
@@ -551,7 +553,7 @@ def _conv(g: _Groups, eqn: Equation, ins: list[_Val], where: str) -> list[tuple]
         for n in (lhs.axes[c_in], rhs.axes[k_in], out_node):
             if n is not None:
                 g.nodes.block(n, why)
-    out[dn.out_spec[1]] = out_node
+    out[out_channels] = out_node
     if lhs.act or rhs.act:
         g.products.append((product_macs(eqn), (out_node, rhs.axes[k_in]), lhs.act and rhs.act))
     return [tuple(out)]

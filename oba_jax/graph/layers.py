@@ -33,7 +33,8 @@ import numpy as np
 from jax import lax
 
 from oba_jax.program import Equation, EqnKey, Program, bind, call_kind, open_jaxpr, run, sub_programs
-from oba_jax.program.primitives import IDENTITY_LIKE, LAYER_PRODUCTS, SHAPE_OPS, UNARY_VIEWS, is_float, reshape_groups
+from oba_jax.program.primitives import (IDENTITY_LIKE, LAYER_PRODUCTS, SHAPE_OPS, UNARY_VIEWS, is_float, product_axes,
+                                       reshape_groups)
 
 __all__ = ["Layer", "LayerUse", "FoundLayers", "find_layers"]
 
@@ -440,27 +441,13 @@ class _FindLayers:
                 "Conv/Dense weights that are parameter leaves (sliced, reshaped, masked by constants); "
                 "reparameterised weights (weight norm, products of leaves) are not supported")
         kind = "dense" if eqn.primitive.name == "dot_general" else "conv"
-        w_ndim = len(eqn.invars[w_pos].aval.shape)
-        groups = 1
-        if kind == "dense":
-            (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-            contract = rc if w_pos == 1 else lc
-            batch = rb if w_pos == 1 else lb
-            free = [d for d in range(w_ndim) if d not in contract and d not in batch]
-            in_view, out_view = tuple(contract), tuple(free)
-            x_ndim = len(eqn.invars[1 - w_pos].aval.shape)
-            x_free = x_ndim - len(lc if w_pos == 1 else rc) - len(batch)
-            start = len(batch) + (x_free if w_pos == 1 else 0)
-            out_act_axes = tuple(range(start, start + len(free)))
+        pa = product_axes(eqn)
+        groups = int(eqn.params.get("feature_group_count", 1)) if kind == "conv" else 1
+        if kind == "conv" and w_pos == 0:   # the kernel as the convolution's lhs: a layer, its channel axes not mapped
+            in_view = out_view = None
+            out_act_axes: tuple[int, ...] = ()
         else:
-            dn = eqn.params["dimension_numbers"]
-            if w_pos == 1:
-                in_view, out_view = (dn.rhs_spec[1],), (dn.rhs_spec[0],)
-                out_act_axes = (dn.out_spec[1],)
-            else:   # the kernel as the convolution's lhs: a layer, but its channel axes are not mapped
-                in_view = out_view = None
-                out_act_axes = ()
-            groups = int(eqn.params.get("feature_group_count", 1))
+            in_view, out_view, out_act_axes = pa.contracted[w_pos], pa.free[w_pos], pa.out_free[w_pos]
         axes = weight.axes
 
         def to_leaf(ax):

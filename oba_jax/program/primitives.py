@@ -2,14 +2,15 @@
 groups, the MAC counter and the connectivity read (a new primitive is taught here)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
 
 import jax.numpy as jnp
 
-__all__ = ["ELEMENTWISE", "IDENTITY_LIKE", "LAYER_PRODUCTS", "PRODUCTS", "SHAPE_OPS", "UNARY_VIEWS", "is_float",
-           "is_linear", "product_macs", "reshape_groups"]
+__all__ = ["ELEMENTWISE", "IDENTITY_LIKE", "LAYER_PRODUCTS", "PRODUCTS", "SHAPE_OPS", "UNARY_VIEWS", "ProductAxes",
+           "is_float", "is_linear", "product_axes", "product_macs", "reshape_groups"]
 
 # Every output is its operand, entry for entry and axis for axis (a cast or a copy at most): sharding and
 # layout annotations, barriers, names. Values, views, layers and channels pass through unchanged.
@@ -44,19 +45,51 @@ PRODUCTS = frozenset({"mul", "dot_general", "conv_general_dilated"})
 LAYER_PRODUCTS = frozenset({"dot_general", "conv_general_dilated"})
 
 
+@dataclasses.dataclass(frozen=True)
+class ProductAxes:
+    """How a layer product moves axes, per operand (lhs, rhs): the axes it contracts (paired), its batch axes
+    (a dot's, paired; shared with the output), its free axes and the output axes they become. A conv's
+    spatial axes are neither (windows: `spatial` lists the lhs / rhs / output ones)."""
+
+    contracted: tuple[tuple[int, ...], tuple[int, ...]]
+    batch: tuple[tuple[int, ...], tuple[int, ...]]
+    out_batch: tuple[int, ...]
+    free: tuple[tuple[int, ...], tuple[int, ...]]
+    out_free: tuple[tuple[int, ...], tuple[int, ...]]
+    spatial: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] = ((), (), ())
+
+
+def product_axes(eqn: Any) -> ProductAxes:
+    """The `ProductAxes` of a `dot_general` (output: batch, lhs free, rhs free) or a `conv_general_dilated`
+    (lhs batch → output batch; lhs in-channels · rhs in-channels contracted; rhs out-channels → output
+    channels)."""
+    name = eqn.primitive.name
+    if name == "dot_general":
+        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        ranks = [len(v.aval.shape) for v in eqn.invars]
+        free = tuple(tuple(d for d in range(r) if d not in c and d not in b)
+                     for r, c, b in zip(ranks, (lc, rc), (lb, rb)))
+        n_batch = len(lb)
+        out_free = (tuple(range(n_batch, n_batch + len(free[0]))),
+                    tuple(range(n_batch + len(free[0]), n_batch + len(free[0]) + len(free[1]))))
+        return ProductAxes(contracted=(tuple(lc), tuple(rc)), batch=(tuple(lb), tuple(rb)),
+                           out_batch=tuple(range(n_batch)), free=free, out_free=out_free)
+    if name == "conv_general_dilated":
+        dn = eqn.params["dimension_numbers"]
+        return ProductAxes(contracted=((dn.lhs_spec[1],), (dn.rhs_spec[1],)), batch=((), ()), out_batch=(),
+                           free=((dn.lhs_spec[0],), (dn.rhs_spec[0],)),
+                           out_free=((dn.out_spec[0],), (dn.out_spec[1],)),
+                           spatial=(tuple(dn.lhs_spec[2:]), tuple(dn.rhs_spec[2:]), tuple(dn.out_spec[2:])))
+    raise ValueError(f"`{name}` is not a product of a layer (dot_general, conv_general_dilated)")
+
+
 def product_macs(eqn: Any) -> int:
     """Multiply-accumulates of a `dot_general` / `conv_general_dilated` equation: output entries × the
     entries each one contracts (contracted dims; a conv's kernel taps × input channels per group)."""
-    out = math.prod(eqn.outvars[0].aval.shape)
-    if eqn.primitive.name == "dot_general":
-        (lc, _), _ = eqn.params["dimension_numbers"]
-        lhs = eqn.invars[0].aval.shape
-        return int(out * math.prod(lhs[d] for d in lc))
-    if eqn.primitive.name != "conv_general_dilated":
-        raise ValueError(f"`{eqn.primitive.name}` is not a product of a layer (dot_general, conv_general_dilated)")
+    axes = product_axes(eqn)
     rhs = eqn.invars[1].aval.shape
-    dn = eqn.params["dimension_numbers"]
-    return int(out * math.prod(rhs[d] for d in dn.rhs_spec[2:]) * rhs[dn.rhs_spec[1]])
+    per_output = math.prod(rhs[d] for d in axes.contracted[1] + axes.spatial[1])
+    return int(math.prod(eqn.outvars[0].aval.shape) * per_output)
 
 
 def is_float(aval: Any) -> bool:

@@ -32,6 +32,7 @@ import numpy as np
 from oba_jax.graph import AxisLayout, ChannelGroup, axis_layout
 from oba_jax.paths import leaf_paths
 from oba_jax.program import Equation, EqnKey, bind, check_param_leaves, run, trace_program
+from oba_jax.program.primitives import product_axes
 from oba_jax.structured.shrink import kept_positions, shrink_params
 
 __all__ = ["shrink_program"]
@@ -104,7 +105,7 @@ def _rewritten(eqn: Equation, ins: Sequence[tuple], outs: Sequence[tuple], sizes
         params["slice_sizes"] = tuple(in_shapes[0][d] if s == traced[d] else s
                                       for d, s in enumerate(params["slice_sizes"]))
     elif name == "conv_general_dilated" and params["feature_group_count"] > 1:
-        c_in = params["dimension_numbers"].lhs_spec[1]
+        (c_in,), _ = product_axes(eqn).contracted
         if in_shapes[0][c_in] != eqn.invars[0].aval.shape[c_in]:   # depthwise: one group per kept channel
             params["feature_group_count"] = in_shapes[0][c_in]
     return params
