@@ -29,8 +29,8 @@ import numpy as np
 from oba_jax.graph.layers import FoundLayers, find_layers
 from oba_jax.paths import matches
 from oba_jax.program import Equation, EqnKey, Program, call_kind, check_param_leaves, run, trace_program
-from oba_jax.program.primitives import (ELEMENTWISE, IDENTITY_LIKE, is_float, product_axes, product_macs,
-                                       reshape_groups)
+from oba_jax.program.primitives import (ELEMENTWISE, IDENTITY_LIKE, is_float, moved_axes, product_axes,
+                                       product_macs, reshape_groups)
 
 __all__ = ["AxisLayout", "ChannelGroup", "GroupGraph", "GroupMember", "KINDS", "axis_layout", "channel_groups",
            "find_groups"]
@@ -408,13 +408,9 @@ def _elementwise(g: _Groups, eqn: Equation, ins: list[_Val], where: str) -> list
     return [tuple(axes)] * len(eqn.outvars)
 
 
-def _broadcast(g: _Groups, eqn: Equation, ins: list[_Val], where: str) -> list[tuple]:
-    out_shape, in_shape = _shape(eqn.outvars[0]), _shape(eqn.invars[0])
-    axes: list[int | None] = [None] * len(out_shape)
-    for a, d in enumerate(eqn.params["broadcast_dimensions"]):
-        if in_shape[a] == out_shape[d]:
-            axes[d] = ins[0].axes[a]
-    return [tuple(axes)]
+def _moved(g: _Groups, eqn: Equation, ins: list[_Val], where: str) -> list[tuple]:
+    """transpose, broadcast_in_dim: each output axis is an input axis (or new)."""
+    return [tuple(None if a is None else ins[0].axes[a] for a in moved_axes(eqn))]
 
 
 def _reshape(g: _Groups, eqn: Equation, ins: list[_Val], where: str) -> list[tuple]:
@@ -438,10 +434,6 @@ def _reshape(g: _Groups, eqn: Equation, ins: list[_Val], where: str) -> list[tup
             for d, n in zip(real_out, g.nodes.factor(merged, [out_shape[d] for d in real_out], where)):
                 axes[d] = n
     return [tuple(axes)]
-
-
-def _transpose(g: _Groups, eqn: Equation, ins: list[_Val], where: str) -> list[tuple]:
-    return [tuple(ins[0].axes[p] for p in eqn.params["permutation"])]
 
 
 def _slice(g: _Groups, eqn: Equation, ins: list[_Val], where: str) -> list[tuple]:
@@ -655,8 +647,8 @@ def _stack(g: _Groups, eqn: Equation, ins: list[_Val], where: str) -> list[tuple
 
 
 AXIS_RULES: dict[str, Rule] = {
-    "broadcast_in_dim": _broadcast, "reshape": _reshape, "squeeze": _reshape, "expand_dims": _reshape,
-    "transpose": _transpose, "slice": _slice, "split": _split, "concatenate": _concatenate,
+    "broadcast_in_dim": _moved, "reshape": _reshape, "squeeze": _reshape, "expand_dims": _reshape,
+    "transpose": _moved, "slice": _slice, "split": _split, "concatenate": _concatenate,
     "reduce_sum": _reduce, "reduce_max": _reduce, "reduce_min": _reduce, "reduce_prod": _reduce,
     "reduce_and": _reduce, "reduce_or": _reduce, "argmax": _argreduce, "argmin": _argreduce,
     "cumsum": _along_axis, "cumprod": _along_axis, "cummax": _along_axis, "cummin": _along_axis,

@@ -33,8 +33,8 @@ import numpy as np
 from jax import lax
 
 from oba_jax.program import Equation, EqnKey, Program, bind, call_kind, open_jaxpr, run, sub_programs
-from oba_jax.program.primitives import (IDENTITY_LIKE, LAYER_PRODUCTS, SHAPE_OPS, UNARY_VIEWS, is_float, product_axes,
-                                       reshape_groups)
+from oba_jax.program.primitives import (IDENTITY_LIKE, LAYER_PRODUCTS, SHAPE_OPS, UNARY_VIEWS, is_float, moved_axes,
+                                       product_axes, reshape_groups)
 
 __all__ = ["Layer", "LayerUse", "FoundLayers", "find_layers"]
 
@@ -215,18 +215,11 @@ def _unary_view(eqn: Equation, view: View) -> View:
     out_shape = tuple(eqn.outvars[0].aval.shape)
     in_shape = tuple(eqn.invars[0].aval.shape)
     axes, region = view.axes, view.region
-    if name == "transpose":
-        perm = eqn.params["permutation"]
-        axes = None if axes is None else tuple(axes[p] for p in perm)
+    if name in ("transpose", "broadcast_in_dim"):
+        axes = None if axes is None else tuple(-1 if a is None else axes[a] for a in moved_axes(eqn))
     elif name == "slice":
         axes, region = _region_after_slice(view, eqn.params["start_indices"], eqn.params["limit_indices"],
                                            eqn.params["strides"])
-    elif name == "broadcast_in_dim":
-        if axes is not None:
-            new = [-1] * len(out_shape)
-            for a, d in enumerate(eqn.params["broadcast_dimensions"]):
-                new[d] = axes[a] if in_shape[a] == out_shape[d] else -1
-            axes = tuple(new)
     elif name in SHAPE_OPS:
         axes, region = _reshaped_axes(view, in_shape, out_shape)
     flipped = view.flipped
@@ -565,9 +558,10 @@ class _FindLayers:
         for layer_key, axes in ins[0].carriers:
             if name in IDENTITY_LIKE:
                 out.append((layer_key, axes))
-            elif name == "transpose":
-                perm = eqn.params["permutation"]
-                out.append((layer_key, tuple(sorted(perm.index(a) for a in axes))))
+            elif name in ("transpose", "broadcast_in_dim"):
+                source = moved_axes(eqn)
+                if all(a in source for a in axes):
+                    out.append((layer_key, tuple(sorted(source.index(a) for a in axes))))
             elif name in SHAPE_OPS:
                 new: list[int] = []
                 for gi, go in reshape_groups(in_shape, out_shape):
@@ -579,9 +573,6 @@ class _FindLayers:
                         break
                 if new and math.prod(out_shape[a] for a in new) == math.prod(in_shape[a] for a in axes):
                     out.append((layer_key, tuple(new)))
-            elif name == "broadcast_in_dim":
-                dims = eqn.params["broadcast_dimensions"]
-                out.append((layer_key, tuple(dims[a] for a in axes)))
         return tuple(out)
 
     def _touched(self, ins: list[Value], name: str) -> frozenset[int]:

@@ -10,7 +10,7 @@ from typing import Any
 import jax.numpy as jnp
 
 __all__ = ["ELEMENTWISE", "IDENTITY_LIKE", "LAYER_PRODUCTS", "PRODUCTS", "SHAPE_OPS", "UNARY_VIEWS", "ProductAxes",
-           "is_float", "is_linear", "product_axes", "product_macs", "reshape_groups"]
+           "is_float", "is_linear", "moved_axes", "product_axes", "product_macs", "reshape_groups"]
 
 # Every output is its operand, entry for entry and axis for axis (a cast or a copy at most): sharding and
 # layout annotations, barriers, names. Values, views, layers and channels pass through unchanged.
@@ -43,6 +43,25 @@ ELEMENTWISE = IDENTITY_LIKE | frozenset({
 PRODUCTS = frozenset({"mul", "dot_general", "conv_general_dilated"})
 # The products a Conv/Dense layer is made of (a weight operand and an activation operand).
 LAYER_PRODUCTS = frozenset({"dot_general", "conv_general_dilated"})
+
+
+def moved_axes(eqn: Any) -> tuple[int | None, ...]:
+    """For a view that moves whole axes (transpose, broadcast_in_dim) or keeps them (IDENTITY_LIKE, rev,
+    slice): for every output axis, the input axis it is (None: a new or broadcast axis). Reshapes regroup
+    axes instead (`reshape_groups`)."""
+    name = eqn.primitive.name
+    if name == "transpose":
+        return tuple(eqn.params["permutation"])
+    in_shape, out_shape = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+    if name == "broadcast_in_dim":
+        source: list[int | None] = [None] * len(out_shape)
+        for a, d in enumerate(eqn.params["broadcast_dimensions"]):
+            if in_shape[a] == out_shape[d]:
+                source[d] = a
+        return tuple(source)
+    if name in IDENTITY_LIKE or name in ("rev", "slice"):
+        return tuple(range(len(out_shape)))
+    raise ValueError(f"`{name}` does not move whole axes")
 
 
 @dataclasses.dataclass(frozen=True)
