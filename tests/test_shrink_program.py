@@ -154,3 +154,18 @@ def test_exported_program_runs_in_a_fresh_process_without_the_model_code(linen, 
                    env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     expected = apply(oba_jax.mask_params(params, groups, kept), jnp.asarray(x7))
     assert _rel(jnp.asarray(np.load(tmp_path / "out.npy")), expected) < 1e-12
+
+
+def test_bad_inputs_are_clear_errors(x64_module):
+    rng = np.random.default_rng(8)
+    p = {n: {"kernel": jnp.asarray(rng.normal(size=s))}
+         for n, s in (("q", (5, 4)), ("k", (5, 4)), ("v", (5, 4)), ("head", (4, 3)))}
+    x = jnp.asarray(rng.normal(size=(2, 6, 5)))
+    groups = oba_jax.channel_groups(width_scaled_attention, p, x)
+    with pytest.raises(ValueError, match="batch axis of at least 2"):
+        oba_jax.shrink_program(width_scaled_attention, p, x[:1], groups, {})
+    with pytest.raises(KeyError, match="no channel group 'nope'"):
+        oba_jax.shrink_program(width_scaled_attention, p, x, groups, {"nope": np.array([0])})
+    small_apply, small = oba_jax.shrink_program(width_scaled_attention, p, x, groups, {})
+    with pytest.raises(ValueError, match="structures shrink_program was given"):
+        small_apply({"q": small["q"]}, x)

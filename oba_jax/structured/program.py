@@ -156,6 +156,11 @@ def shrink_program(apply_fn: Callable[[Any, Any], Any], params: Any, example_inp
     channel indices to keep}`. `small_apply_fn(small_params, inputs)` is jittable, differentiable and
     exportable (`jax.export`, with a symbolic batch size); it computes the masked model's function."""
     leaves = check_param_leaves(params)
+    x_leaves = jax.tree_util.tree_leaves(example_inputs)
+    if not x_leaves or any(np.ndim(a) == 0 or np.shape(a)[0] < 2 for a in x_leaves):
+        raise ValueError("shrink_program needs example inputs with a batch axis of at least 2 examples (a batch "
+                         "of 1 cannot be told apart from a broadcast axis, and the program must run for any batch); "
+                         f"got shapes {[np.shape(a) for a in x_leaves]}")
     program = trace_program(apply_fn, params, example_inputs)
     layout = axis_layout(program)
     shapes = {p: np.shape(x) for p, x in zip(leaf_paths(params), leaves)}
@@ -170,7 +175,7 @@ def shrink_program(apply_fn: Callable[[Any, Any], Any], params: Any, example_inp
         x_leaves, x_def = jax.tree_util.tree_flatten(inputs)
         if p_def != treedef or x_def != in_treedef:
             raise ValueError("small_apply_fn takes the parameter and input structures shrink_program was given")
-        batch = np.shape(x_leaves[0])[0] if x_leaves and np.ndim(x_leaves[0]) else 1
+        batch = np.shape(x_leaves[0])[0]
         rules = _Shrunk(layout, _Sizes(layout, atoms, batch))
         args = [_Value(a, False) for a in (*p_leaves, *x_leaves)]
         (out,) = run(program.jaxpr, [rules.constant(c) for c in consts], args, rules)
