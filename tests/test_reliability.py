@@ -268,7 +268,7 @@ def test_a_shutdown_that_hangs_is_ended_after_the_grace_period(tmp_path):
     try:
         assert proc.stdout.readline().strip() == "ready"
         proc.send_signal(signal.SIGUSR1)
-        time.sleep(2.0)
+        time.sleep(1.5)
         assert proc.poll() is None, proc.stderr.read()
         start = time.time()
         proc.send_signal(signal.SIGTERM)
