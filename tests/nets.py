@@ -160,6 +160,14 @@ def causal_lm_apply(p, ids, lin=lambda f, u: f(u)):
     return rms(h, p["norm_f"]["scale"]) @ p["lm_head"]["kernel"] + p["lm_head"]["bias"]
 
 
+def width_scaled_attention_params(seed=8, dtype=None):
+    """`(params, inputs (2, 6, 5))` of `width_scaled_attention`: model width 5, head dim 4, 3 classes."""
+    rng = np.random.default_rng(seed)
+    params = {n: {"kernel": jnp.asarray(rng.normal(size=s), dtype)}
+              for n, s in (("q", (5, 4)), ("k", (5, 4)), ("v", (5, 4)), ("head", (4, 3)))}
+    return params, jnp.asarray(rng.normal(size=(2, 6, 5)), dtype)
+
+
 def width_scaled_attention(p, x):
     """One-head attention whose scale 1/sqrt(head_dim) is computed from the width at trace time, as most
     model code does; `p`: q, k, v (d, head_dim) and head (head_dim, classes) kernels."""

@@ -9,7 +9,8 @@ from flax import nnx
 
 import models
 import oba_jax
-from nets import ConcatNet, ResidualBNNet, mlp_apply, mlp_params, width_scaled_attention
+from nets import (ConcatNet, ResidualBNNet, mlp_apply, mlp_params, width_scaled_attention,
+                  width_scaled_attention_params)
 
 FAMILIES = {
     "mlp": lambda: models.make_spec("mlp", hidden=(9, 7)),
@@ -142,10 +143,8 @@ def test_shrink_params_of_a_pure_jax_model():
 def test_verify_refuses_a_shrink_that_changes_the_function():
     """Issue 19, measured item 3: shrinking head dims of a model that computes 1/sqrt(head_dim) from the
     width silently changed its logits; `verify` makes it an error. A shape-agnostic MLP passes."""
-    rng = np.random.default_rng(8)
-    p = {n: {"kernel": jnp.asarray(rng.normal(size=s), jnp.float32)}
-         for n, s in (("q", (5, 4)), ("k", (5, 4)), ("v", (5, 4)), ("head", (4, 3)))}
-    x = jnp.asarray(rng.normal(size=(2, 6, 5)), jnp.float32)
+    p, x = width_scaled_attention_params(dtype=jnp.float32)
+    rng = np.random.default_rng(9)
     groups = oba_jax.channel_groups(width_scaled_attention, p, x)
     qk = next(g for g in groups if g.kind == "head_dim" and ("q/kernel", 1) in {(m.path, m.axis) for m in g.members})
     kept = {qk.name: np.array([0, 2])}

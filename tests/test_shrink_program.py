@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import oba_jax
-from nets import causal_lm_apply, causal_lm_params, width_scaled_attention
+from nets import causal_lm_apply, causal_lm_params, width_scaled_attention, width_scaled_attention_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,10 +112,7 @@ def test_decoder_with_gqa_rope_swiglu_rmsnorm_equals_the_mask(x64_module):
 
 
 def test_width_derived_constants_stay_what_the_dense_model_computed(x64_module):
-    rng = np.random.default_rng(8)
-    p = {n: {"kernel": jnp.asarray(rng.normal(size=s))}
-         for n, s in (("q", (5, 4)), ("k", (5, 4)), ("v", (5, 4)), ("head", (4, 3)))}
-    x = jnp.asarray(rng.normal(size=(2, 6, 5)))
+    p, x = width_scaled_attention_params()
     groups = oba_jax.channel_groups(width_scaled_attention, p, x)
     kept = {g.name: np.array([0, 2]) for g in groups if g.kind == "head_dim"}
     small_apply, small = oba_jax.shrink_program(width_scaled_attention, p, x, groups, kept)
@@ -157,10 +154,7 @@ def test_exported_program_runs_in_a_fresh_process_without_the_model_code(linen, 
 
 
 def test_bad_inputs_are_clear_errors(x64_module):
-    rng = np.random.default_rng(8)
-    p = {n: {"kernel": jnp.asarray(rng.normal(size=s))}
-         for n, s in (("q", (5, 4)), ("k", (5, 4)), ("v", (5, 4)), ("head", (4, 3)))}
-    x = jnp.asarray(rng.normal(size=(2, 6, 5)))
+    p, x = width_scaled_attention_params()
     groups = oba_jax.channel_groups(width_scaled_attention, p, x)
     with pytest.raises(ValueError, match="batch axis of at least 2"):
         oba_jax.shrink_program(width_scaled_attention, p, x[:1], groups, {})
