@@ -210,7 +210,7 @@ def compile_rows(make_spec, batch: int, rows, warmup: bool = True, bn_mode: str 
                 else:
                     method = "oba" if row.startswith("oba") else row
                     fn, leaves = _score_fn(method, apply, params, x, fast_conv=row != "oba-nativeconv")
-                    args = (leaves, [x], y)
+                    args = (leaves, [x], (y,))   # targets: (labels,)
                 compiled[row] = _compile(fn, args, warmup)
     finally:
         if saved is None:

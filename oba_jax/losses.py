@@ -17,6 +17,16 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     return nll
 
 
-def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Batch-mean cross-entropy of integer labels (the loss the authors score with)."""
-    return jnp.mean(cross_entropy(logits, labels))
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """Mean cross-entropy of integer labels over every label (the loss the authors score with; for a
+    language model the mean token cross-entropy).
+
+    `weights` (the labels' shape, ≥ 0, e.g. a 0/1 padding mask): the weighted mean `Σ w·nll / Σ w`.
+    A label whose weight is 0 is never read (it may be a padding value such as -100).
+    """
+    if weights is None:
+        return jnp.mean(cross_entropy(logits, labels))
+    used = weights > 0
+    nll = cross_entropy(logits, jnp.where(used, labels, 0))
+    w = weights.astype(nll.dtype)
+    return jnp.sum(jnp.where(used, w * nll, 0.0)) / jnp.sum(w)

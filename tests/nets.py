@@ -3,6 +3,7 @@ written the way users write them (no test module imports another)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as nn
 from flax import nnx
 
 
@@ -174,3 +175,19 @@ def width_scaled_attention(p, x):
     q, k, v = (x @ p[n]["kernel"] for n in ("q", "k", "v"))          # (batch, tokens, head_dim)
     att = jax.nn.softmax(q @ jnp.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1]), axis=-1)
     return (att @ v).mean(1) @ p["head"]["kernel"]
+
+
+class LinenNet(nn.Module):
+    """Convs, a max-pool, a flatten into tokens, LayerNorm, Flax's multi-head attention (which takes its
+    scale from the head dim), dense layers: what a user writes with flax.linen."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(8, (3, 3))(x))
+        x = nn.max_pool(x, (2, 2), (2, 2))
+        x = nn.relu(nn.Conv(6, (3, 3))(x))
+        b, h, w, c = x.shape
+        t = x.reshape(b, h * w, c)
+        norm = nn.LayerNorm(use_fast_variance=False)        # centres, then squares
+        t = t + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)(norm(t))
+        return nn.Dense(3)(nn.gelu(nn.Dense(5)(t.mean(1))))

@@ -23,13 +23,19 @@ def _flat(tree):
     return np.asarray(jax.flatten_util.ravel_pytree(tree)[0])
 
 
-def _linearised_oracle(surrogate_logits, params, x, y, mask=None):
+def _token_ce(logits, y, w):
+    """Σ w·nll / Σ w written out with one-hot labels (independent of `oba_jax.losses`)."""
+    nll = -jnp.sum(jax.nn.one_hot(y, logits.shape[-1]) * jax.nn.log_softmax(logits), -1)
+    return jnp.sum(w * nll) / jnp.sum(w)
+
+
+def _linearised_oracle(surrogate_logits, params, x, y, mask=None, loss=softmax_cross_entropy):
     """θ ⊙ H̃θ with H̃ the dense Hessian of `Σ sg(∂ℓ/∂z)·z̃` for a hand-linearised network."""
     flat, unravel = jax.flatten_util.ravel_pytree(params)
 
     @jax.jit
     def oracle(flat):
-        gz = jax.grad(softmax_cross_entropy)(surrogate_logits(unravel(flat), x), y)
+        gz = jax.grad(loss)(surrogate_logits(unravel(flat), x), y)
         H = jax.hessian(lambda f: jnp.sum(gz * surrogate_logits(unravel(f), x)))(flat)
         v = flat if mask is None else flat * mask
         return v * (H @ v)
@@ -144,6 +150,23 @@ def test_causal_lm_token_logits_match_linearised_dense_hessian(x64):
     _assert_rel(_flat(stacked.sum), oracle, 1e-8)
     with pytest.raises(ValueError, match=r"\(\.\.\., classes\) = \(3, C\)"):
         score(causal_lm_apply, params, [(ids, labels[:, 0])])
+
+    # Padding: weights (a 0/1 mask) make the loss Σ w·nll / Σ w; padded labels (-100) are never read.
+    weights = jnp.asarray((rng.random((3, 5)) < 0.6).astype(np.float64)).at[:, 0].set(1.0)
+    padded = jnp.where(weights > 0, labels, -100)
+    weighted = _linearised_oracle(lambda p, x: causal_lm_apply(p, x, lin=_lin), params, ids, labels, mask,
+                                  loss=lambda z, y: _token_ce(z, y, weights))
+    assert 0 < int(jnp.sum(weights == 0)) < 15
+    assert np.abs(weighted - oracle).max() > 1e-3 * np.abs(oracle).max()   # the padding matters
+    _assert_rel(_flat(score(causal_lm_apply, params, [(ids, padded, weights)], dtype=jnp.float64).sum), weighted, 1e-8)
+    _assert_rel(_flat(score(causal_lm_apply, params, (ids[None], padded[None], weights[None]),
+                            dtype=jnp.float64).sum), weighted, 1e-8)
+    with pytest.raises(ValueError, match=r"lie in \[0, 7\).*wherever their weight is positive"):
+        score(causal_lm_apply, params, [(ids, padded, jnp.ones((3, 5)))])   # a -100 label of weight 1
+    with pytest.raises(ValueError, match="weights sum to 0"):
+        score(causal_lm_apply, params, [(ids, labels, jnp.zeros((3, 5)))])
+    with pytest.raises(ValueError, match="weights must have the labels' shape"):
+        score(causal_lm_apply, params, [(ids, labels, jnp.ones(3))])
 
 
 def test_written_out_tangent_is_the_networks_directional_derivative(x64):
@@ -321,7 +344,8 @@ def test_bad_inputs():
 
 
 @pytest.mark.parametrize("family, spec", [("vgg", dict(cfg=(8, "M", 16), in_channels=1, image_size=8, num_classes=3)),
-                                          ("resnet_cifar", dict(depth=8, image_size=8, num_classes=3))])
+                                          ("resnet_cifar", dict(stage_widths=(4, 6), blocks_per_stage=(1, 1),
+                                                                block_widths=((4,), (6,)), image_size=8, num_classes=3))])
 def test_fastoba_is_theta_hessian_theta_over_the_parameters_only(family, spec):
     """fastoba = θ ⊙ Hθ with θ the nnx.Param leaves, in both BN modes, against `jax.jvp(jax.grad(loss))` of the
     model in float64, evaluated eagerly. The landed main put the BatchNorm running statistics into θ: eval mode

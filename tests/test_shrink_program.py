@@ -5,14 +5,13 @@ import os
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import oba_jax
-from nets import causal_lm_apply, causal_lm_params, width_scaled_attention, width_scaled_attention_params
+from nets import LinenNet, causal_lm_apply, causal_lm_params, width_scaled_attention, width_scaled_attention_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,22 +23,6 @@ def _rel(a, b):
 def _half(groups, rng, skip=("embed",)):
     return {g.name: np.sort(rng.choice(g.size, max(1, g.size // 2), replace=False))
             for g in groups if g.prunable and g.kind not in skip}
-
-
-class LinenNet(nn.Module):
-    """Convs, a max-pool, a flatten into tokens, LayerNorm, Flax's multi-head attention (which takes its
-    scale from the head dim), dense layers: what a user writes with flax.linen."""
-
-    @nn.compact
-    def __call__(self, x):
-        x = nn.relu(nn.Conv(8, (3, 3))(x))
-        x = nn.max_pool(x, (2, 2), (2, 2))
-        x = nn.relu(nn.Conv(6, (3, 3))(x))
-        b, h, w, c = x.shape
-        t = x.reshape(b, h * w, c)
-        norm = nn.LayerNorm(use_fast_variance=False)        # centres, then squares
-        t = t + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)(norm(t))
-        return nn.Dense(3)(nn.gelu(nn.Dense(5)(t.mean(1))))
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +146,42 @@ def test_bad_inputs_are_clear_errors(x64_module):
     small_apply, small = oba_jax.shrink_program(width_scaled_attention, p, x, groups, {})
     with pytest.raises(ValueError, match="structures shrink_program was given"):
         small_apply({"q": small["q"]}, x)
+
+
+def _two_layers_with_a_shared_head_mask(p, x):
+    """Two attention layers scaled per head by rows of one constant (as Hugging Face's Flax BERT applies its
+    default `head_mask = ones((layers, heads))`), a ones((batch, tokens)) mask made from the input's shape,
+    and a constant per-unit gain shared by both layers' MLPs."""
+    head_mask = jnp.ones((2, 2)) * jnp.asarray([[1.0, 0.5], [0.25, 1.0]])
+    gain = jnp.linspace(0.5, 1.5, 3)
+    pad = jnp.ones(x.shape[:2])
+    for i, layer in enumerate(("l0", "l1")):
+        q = jnp.einsum("btd,dhe->bthe", x, p[layer]["q"])
+        k = jnp.einsum("btd,dhe->bthe", x, p[layer]["k"])
+        v = jnp.einsum("btd,dhe->bthe", x, p[layer]["v"])
+        att = jax.nn.softmax(jnp.einsum("bqhe,bkhe->bhqk", q, k) + (1.0 - pad)[:, None, None, :] * -1e9, -1)
+        att = jnp.einsum("bhqk,h->bhqk", att, head_mask[i])
+        x = x + jnp.einsum("bhqk,bkhe,hed->bqd", att, v, p[layer]["o"])
+        x = x + (jax.nn.relu(x @ p[layer]["up"]) * gain) @ p[layer]["down"]
+    return x.mean(1) @ p["head"]
+
+
+def test_a_constant_used_by_several_layers_does_not_tie_their_channels(x64_module):
+    """A constant meets each layer where it is used: each use is gathered at that layer's kept channels, so
+    layers keep different heads and units (the landed code tied them through the constant and refused)."""
+    rng = np.random.default_rng(9)
+    w = lambda *s: jnp.asarray(rng.normal(size=s) / np.sqrt(s[0]))  # noqa: E731
+    layer = lambda: {"q": w(4, 2, 3), "k": w(4, 2, 3), "v": w(4, 2, 3), "o": w(2, 3, 4),  # noqa: E731
+                     "up": w(4, 3), "down": w(3, 4)}
+    p, x = {"l0": layer(), "l1": layer(), "head": w(4, 3)}, jnp.asarray(rng.normal(size=(2, 5, 4)))
+    groups = oba_jax.channel_groups(_two_layers_with_a_shared_head_mask, p, x)
+    by_kind = {(g.name.split("/")[0], g.kind): g.name for g in groups if g.prunable}
+    assert {("l0", "heads"), ("l1", "heads"), ("l0", "hidden"), ("l1", "hidden")} <= set(by_kind)
+    kept = {by_kind["l0", "heads"]: np.array([0]), by_kind["l1", "heads"]: np.array([1]),
+            by_kind["l0", "hidden"]: np.array([0, 2]), by_kind["l1", "hidden"]: np.array([1])}
+    small_apply, small = oba_jax.shrink_program(_two_layers_with_a_shared_head_mask, p, x, groups, kept)
+    x3 = jnp.asarray(rng.normal(size=(3, 5, 4)))
+    for inputs in (x, x3):
+        masked = _two_layers_with_a_shared_head_mask(oba_jax.mask_params(p, groups, kept), inputs)
+        assert _rel(small_apply(small, inputs), masked) < 1e-12
+    assert small["l0"]["q"].shape == (4, 1, 3) and small["l1"]["up"].shape == (4, 1)

@@ -300,6 +300,7 @@ def _runs(coarse: Sequence[int], fine: Sequence[int]) -> list[list[int]] | None:
 class _Val:
     axes: tuple[int | None, ...]      # one node per axis (None: broadcast, no channel meaning)
     act: bool = False                 # depends on the inputs
+    const: bool = False               # computed from constants only
 
 
 def _unit(n: int) -> bool:
@@ -316,6 +317,7 @@ class _Groups:
         # channel axis (RoPE tables, masks, a width-derived scale vector) is known to run along it
         self.constant_nodes = constant_nodes
         self.record: dict[EqnKey, tuple[tuple, tuple]] = {}   # key -> (input axes, output axes), layout pass
+        self.constant_uses: list[tuple[int, int]] = []        # (a constant's node, its node at one use)
         self.entered: set[EqnKey] = set()
         self.heads: set[int] = set()
         self.head_dims: set[int] = set()   # the per-head feature axes of attention-like products
@@ -324,8 +326,8 @@ class _Groups:
     # -- interpreter hooks ------------------------------------------------------------------
     def constant(self, value: Any) -> _Val:
         if self.constant_nodes:
-            return _Val(tuple(self._fresh(s) for s in np.shape(value)))
-        return _Val((None,) * np.ndim(value))
+            return _Val(tuple(self._fresh(s) for s in np.shape(value)), const=True)
+        return _Val((None,) * np.ndim(value), const=True)
 
     def enter(self, eqn: Equation, key: EqnKey, ins: list[_Val]) -> bool:
         entered = call_kind(eqn) != "scan" or key in self.found.unrolled
@@ -334,7 +336,7 @@ class _Groups:
         return entered
 
     def index(self, value: _Val, i: int) -> _Val:
-        return _Val(value.axes[1:], value.act)
+        return _Val(value.axes[1:], value.act, value.const)
 
     def stack(self, values: list[_Val]) -> _Val:
         first = values[0]
@@ -342,7 +344,7 @@ class _Groups:
             for a, b in zip(first.axes, v.axes):
                 if a is not None and b is not None:
                     self.nodes.unify(a, b, "the outputs of an unrolled lax.scan")
-        return _Val((None,) + first.axes, any(v.act for v in values))
+        return _Val((None,) + first.axes, any(v.act for v in values), all(v.const for v in values))
 
     def equation(self, eqn: Equation, key: EqnKey, ins: list[_Val]) -> list[_Val]:
         name = eqn.primitive.name
@@ -350,6 +352,9 @@ class _Groups:
         rule = AXIS_RULES.get(name)
         if rule is None and name in ELEMENTWISE:
             rule = _elementwise
+        const = all(v.const for v in ins)
+        if not const:
+            ins = [self._one_use(v) if v.const else v for v in ins]
         outs = self._unknown(eqn, ins, where) if rule is None else rule(self, eqn, ins, where)
         act = any(v.act for v in ins)
         if self.constant_nodes:
@@ -357,7 +362,15 @@ class _Groups:
             outs = [tuple(n if n is not None or _unit(s) else self.nodes.new(s) for n, s in zip(o, var.aval.shape))
                     for o, var in zip(outs, eqn.outvars)]
             self.record[key] = (tuple(v.axes for v in ins), tuple(outs))
-        return [_Val(o, act) for o in outs]
+        return [_Val(o, act, const) for o in outs]
+
+    def _one_use(self, v: _Val) -> _Val:
+        """A constant where it meets the program, with nodes of its own for this use: one constant used by
+        several layers (a head mask sliced per layer, a shared scale vector) must not tie their channels —
+        it is gathered at each use's kept positions. A use's batch axis is tied back after the pass."""
+        axes = tuple(None if n is None else self.nodes.new(self.nodes.size[self.nodes.find(n)]) for n in v.axes)
+        self.constant_uses.extend((n, m) for n, m in zip(v.axes, axes) if n is not None)
+        return _Val(axes, v.act, True)
 
     def _unknown(self, eqn: Equation, ins: list[_Val], where: str) -> list[tuple]:
         why = (f"`{eqn.primitive.name}` has no channel rule" + (": its body is not walked (not a scan with layers)"
@@ -367,9 +380,6 @@ class _Groups:
                 if n is not None:
                     self.nodes.block(n, why)
         outs = [tuple(self._fresh(s) for s in o.aval.shape) for o in eqn.outvars]
-        if self.constant_nodes:
-            self.record[eqn_key_of_unknown := None] = ((), ())   # placeholder, replaced below
-            del self.record[eqn_key_of_unknown]
         return [_Val(o, any(v.act for v in ins)) for o in outs]
 
     def _fresh(self, size: int) -> int | None:
@@ -696,6 +706,10 @@ def _group_pass(program: Program, found: FoundLayers, ignore: Sequence[str], con
     for n in logits.axes:
         if n is not None:
             nodes.flags.setdefault(n, set()).add("output")
+    batch = {a for n, flags in nodes.flags.items() if "batch" in flags for a in nodes.atoms(n)}
+    for n, use in rules.constant_uses:   # a constant that meets the batch axis is sized by the batch given
+        if batch.intersection(nodes.atoms(use)):
+            nodes.unify(n, use, "a constant's batch axis")
     groups, atom_names = _collect(program, found, rules, leaves, ignore)
     return rules, leaves, tuple(a.axes for a in consts + args), logits.axes, groups, atom_names
 

@@ -196,17 +196,19 @@ def _drop_axes(view: View, dropped: Sequence[int]) -> tuple[tuple[int, ...] | No
 
 
 def _reshaped_axes(view: View, in_shape, out_shape) -> tuple[tuple[int, ...] | None, Region | None]:
-    """A reshape that only inserts or removes size-1 axes keeps a readable axis map."""
+    """A reshape keeps a readable axis map when none of its matching axis groups (`reshape_groups`) splits
+    or merges real axes: it only inserts or removes size-1 axes."""
     if view.axes is None:
         return None, view.region
-    in_real = [(a, s) for a, s in enumerate(in_shape) if s != 1]
-    out_real = [i for i, s in enumerate(out_shape) if s != 1]
-    if [s for _, s in in_real] != [out_shape[i] for i in out_real]:
-        return None, view.region
-    axes, region = _drop_axes(view, [a for a, s in enumerate(in_shape) if s == 1])
     new = [-1] * len(out_shape)
-    for (_, _), i, leaf_axis in zip(in_real, out_real, axes):
-        new[i] = leaf_axis
+    for gi, go in reshape_groups(in_shape, out_shape):
+        real_in = [a for a in gi if in_shape[a] != 1]
+        real_out = [d for d in go if out_shape[d] != 1]
+        if len(real_in) > 1 or len(real_out) > 1:
+            return None, view.region
+        if real_in:
+            new[real_out[0]] = view.axes[real_in[0]]
+    _, region = _drop_axes(view, [a for a, s in enumerate(in_shape) if s == 1])
     return tuple(new), region
 
 

@@ -60,14 +60,16 @@ class ScoreResult:
 
 
 def _is_stacked(batches: Any) -> bool:
-    return (isinstance(batches, tuple) and len(batches) == 2
+    """A pair `(inputs, labels)` or triple `(inputs, labels, weights)` stacked along a leading batch-count
+    axis (labels of ndim ≥ 2), as opposed to an iterable of batches (whose items are tuples, not arrays)."""
+    return (isinstance(batches, tuple) and len(batches) in (2, 3)
             and hasattr(batches[1], "ndim") and batches[1].ndim >= 2)
 
 
 def _first_batch(batches: Any) -> tuple[Any, Any]:
     """`(inputs of one batch, all batches)`; iterables are re-chained after the peek."""
     if _is_stacked(batches):
-        xs, ys = batches
+        xs, ys = batches[0], batches[1]
         if ys.shape[0] == 0:
             raise ValueError("no batches to score: the stacked labels have a leading axis of size 0")
         return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), xs), batches
@@ -78,7 +80,7 @@ def _first_batch(batches: Any) -> tuple[Any, Any]:
         first = next(it)
     except StopIteration:
         raise ValueError("no batches to score: the batch iterable is empty") from None
-    _check_pair(first, 0)
+    _check_batch(first, 0)
     return _abstract(first[0]), itertools.chain([first], it)
 
 
@@ -86,18 +88,43 @@ def _abstract(tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), tree)
 
 
-def _check_pair(batch: Any, i: int) -> None:
-    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-        raise TypeError(f"each batch must be a pair (inputs, labels); batch {i} is a {type(batch).__name__}")
+def _check_batch(batch: Any, i: int) -> None:
+    if not (isinstance(batch, (tuple, list)) and len(batch) in (2, 3)):
+        raise TypeError(f"each batch must be a pair (inputs, labels) or a triple (inputs, labels, weights); "
+                        f"batch {i} is a {type(batch).__name__}"
+                        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
 
 
-def _check_labels(labels: Any, num_classes: int, where: str) -> None:
+def _targets(labels: Any, weights: Any, num_classes: int, where: str, stacked: bool = False) -> tuple:
+    """The loss's arguments after the logits, checked: `(labels,)` or `(labels, weights)`. Labels are
+    integer classes in `[0, classes)` wherever their weight is positive; weights are finite, ≥ 0, of the
+    labels' shape, with a positive sum in every batch."""
     arr = np.asarray(labels)
     if not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"labels must be integer class indices, got dtype {arr.dtype} ({where})")
-    if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes}) (the model has {num_classes} outputs); "
-                         f"got values from {arr.min()} to {arr.max()} ({where})")
+    if weights is None:
+        used = arr
+    else:
+        w = np.asarray(weights)
+        if w.shape != arr.shape:
+            raise ValueError(f"weights must have the labels' shape {arr.shape}; got {w.shape} ({where})")
+        if not (np.issubdtype(w.dtype, np.number) or w.dtype == bool) or np.iscomplexobj(w):
+            raise TypeError(f"weights must be real numbers (e.g. a 0/1 padding mask), got dtype {w.dtype} ({where})")
+        if not np.all(np.isfinite(w)) or (w.size and w.min() < 0):
+            raise ValueError(f"weights must be finite and ≥ 0; got values from {w.min()} to {w.max()} ({where})")
+        totals = w.reshape(w.shape[0], -1).sum(axis=1) if stacked else np.asarray([w.sum()])
+        if np.any(totals <= 0):
+            which = f"batch {int(np.argmin(totals))} of the stack" if stacked else "the batch"
+            raise ValueError(f"weights sum to 0 in {which}: it has no label to score ({where})")
+        used = arr[w > 0]
+    if used.size and (used.min() < 0 or used.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}) (the model has {num_classes} outputs)"
+                         + ("" if weights is None else " wherever their weight is positive")
+                         + f"; got values from {used.min()} to {used.max()} ({where})")
+    if weights is None:
+        return (jnp.asarray(labels),)
+    w = jnp.asarray(weights)
+    return jnp.asarray(labels), (w if jnp.issubdtype(w.dtype, jnp.floating) else w.astype(jnp.float32))
 
 
 def _check_output(out_shape: tuple[int, ...], labels_shape: tuple[int, ...], where: str) -> None:
@@ -125,10 +152,14 @@ class _Programs:
     program: Program
     analysis: Analysis | None
     scored: tuple[int, ...]
-    batch_fn: Callable           # (flat params, flat inputs, labels) -> {part: [scores]}, inputs cast
-    stacked: Callable            # (flat, xs, ys) -> sums over a stacked pair, one lax.scan
+    batch_fn: Callable           # (flat params, flat inputs, targets) -> {part: [scores]}, inputs cast
+    stacked: Callable            # (flat, xs, ys) -> sums over stacked batches, one lax.scan
     first: Callable              # (flat, x, y) -> sums of one batch
     add: Callable                # (acc, flat, x, y) -> acc + sums of one batch (acc donated)
+
+
+# The targets of a batch (the loss's arguments after the logits) are a tuple: `(labels,)` or
+# `(labels, weights)`; methods pass them through to the loss unopened.
 
 
 def _cast_inputs(batch_fn: Callable, cast: Callable) -> Callable:
@@ -148,8 +179,9 @@ def _compile(fn: Callable) -> tuple[Callable, Callable, Callable]:
             out = fn(flat, x, y)
             return jax.tree_util.tree_map(jnp.add, acc, out), None
         x0 = [a[0] for a in xs_flat]
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(fn, flat, x0, ys[0]))
-        acc, _ = jax.lax.scan(body, zeros, (xs_flat, jnp.asarray(ys)))
+        y0 = jax.tree_util.tree_map(lambda a: a[0], ys)
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(fn, flat, x0, y0))
+        acc, _ = jax.lax.scan(body, zeros, (xs_flat, ys))
         return acc
 
     first = jax.jit(lambda flat, x, y: fn(flat, x, y), compiler_options=options)
@@ -172,8 +204,9 @@ class Scorer:
     """`scorer(params, batches) -> ScoreResult`, compiled once per batch shape (see the module docstring).
 
     `batches`: a pair `(inputs, labels)` stacked along a leading batch-count axis (labels of shape
-    `(num_batches, batch)`; summed with `lax.scan` inside one program) or any iterable of
-    `(inputs, labels)` (one compiled step per batch). Data-free methods take `batches=None`.
+    `(num_batches, batch, ...)`; summed with `lax.scan` inside one program) or any iterable of
+    `(inputs, labels)` (one compiled step per batch); either may carry label weights as a third member
+    (see `score`). Data-free methods take `batches=None`.
     """
 
     def __init__(self, apply_fn: Callable[[Any, Any], jax.Array], params: Any, example_inputs: Any,
@@ -220,8 +253,9 @@ class Scorer:
         with jax.default_matmul_precision(self.precision):
             program = trace_program(self.apply_fn, params, cast_inputs)
             analysis = analyse(program, self.options["exclude"]) if self.method.needs_analysis else None
-        ctx = MethodContext(program=program, analysis=analysis, float_idx=self.float_idx, loss=self.loss,
-                            options=self.options)
+        loss = self.loss
+        ctx = MethodContext(program=program, analysis=analysis, float_idx=self.float_idx,
+                            loss=lambda logits, targets: loss(logits, *targets), options=self.options)
         batch_fn = _cast_inputs(self.method.build(ctx), self._cast)
         return _Programs(program, analysis, self.method.scored(ctx), batch_fn, *_compile(batch_fn))
 
@@ -283,8 +317,8 @@ class Scorer:
                 data_free_scores(name, [cast(a) for a in flat], idx, seed)[i] for i in idx]})
         return self._data_free(leaves)
 
-    def _stacked(self, leaves: list[Any], batches: tuple[Any, Any]):
-        xs, ys = batches
+    def _stacked(self, leaves: list[Any], batches: tuple[Any, ...]):
+        xs, ys, ws = (*batches, None)[:3]
         if ys.shape[0] == 0:
             raise ValueError("no batches to score: the stacked labels have a leading axis of size 0")
         counts = {np.shape(a)[0] for a in jax.tree_util.tree_leaves(xs)}
@@ -295,22 +329,22 @@ class Scorer:
             lambda a: jax.ShapeDtypeStruct(np.shape(a)[1:], jnp.result_type(a)), xs))
         num_classes = programs.program.out_shape[-1]
         _check_output(programs.program.out_shape, tuple(ys.shape[1:]), "every stacked batch")
-        _check_labels(ys, num_classes, "stacked labels")
+        targets = _targets(ys, ws, num_classes, "stacked batches", stacked=True)
         xs_flat = jax.tree_util.tree_leaves(xs)
         sharding = scoring_sharding(int(ys.shape[1]), stacked=True)
         if sharding is not None:
             xs_flat = [jax.device_put(a, sharding) for a in xs_flat]
-            ys = jax.device_put(jnp.asarray(ys), sharding)
+            targets = jax.device_put(targets, sharding)
         graph = programs.analysis.graph if programs.analysis is not None else None
-        return programs.stacked(leaves, xs_flat, ys), int(ys.shape[0]), programs.scored, graph
+        return programs.stacked(leaves, xs_flat, targets), int(ys.shape[0]), programs.scored, graph
 
     def _iterated(self, leaves: list[Any], batches: Iterable[tuple[Any, Any]]):
         if batches is None:
             raise ValueError(f"method {self.method.name!r} needs data: pass batches of (inputs, labels)")
         acc, count, programs, first = None, 0, None, None
         for i, batch in enumerate(batches):
-            _check_pair(batch, i)
-            x, y = batch
+            _check_batch(batch, i)
+            x, y, w = (*batch, None)[:3]
             shapes = [tuple(np.shape(a)) for a in jax.tree_util.tree_leaves(x)]
             try:
                 programs = self._programs_for(_abstract(x))
@@ -321,14 +355,13 @@ class Scorer:
                                  f"{first}): {type(e).__name__}: {str(e).splitlines()[0]}") from None
             first = shapes if first is None else first
             _check_output(programs.program.out_shape, tuple(np.shape(y)), f"batch {i}")
-            _check_labels(y, programs.program.out_shape[-1], f"batch {i}")
+            targets = _targets(y, w, programs.program.out_shape[-1], f"batch {i}")
             xf = jax.tree_util.tree_leaves(x)
-            y = jnp.asarray(y)
-            sharding = scoring_sharding(int(y.shape[0]), stacked=False)
+            sharding = scoring_sharding(int(np.shape(y)[0]), stacked=False)
             if sharding is not None:
                 xf = [jax.device_put(a, sharding) for a in xf]
-                y = jax.device_put(y, sharding)
-            acc = programs.first(leaves, xf, y) if acc is None else programs.add(acc, leaves, xf, y)
+                targets = jax.device_put(targets, sharding)
+            acc = programs.first(leaves, xf, targets) if acc is None else programs.add(acc, leaves, xf, targets)
             count += 1
         if acc is None:
             raise ValueError("no batches to score: the batch iterable is empty")
@@ -336,7 +369,7 @@ class Scorer:
         return acc, count, programs.scored, graph
 
     def per_batch(self, example_inputs: Any) -> Callable:
-        """The jitted per-batch function `(flat params, flat inputs, labels) -> {part: [scores]}` exactly as
+        """The jitted per-batch function `(flat params, flat inputs, (labels,)) -> {part: [scores]}` exactly as
         this scorer runs it inside its accumulation (for benchmarks: `.lower(...)`, cost analysis)."""
         return jax.jit(self._programs_for(_abstract(example_inputs)).batch_fn,
                        compiler_options=fastconv.cpu_compiler_options())
@@ -365,7 +398,10 @@ def score(apply_fn: Callable[[Any, Any], jax.Array], params: Any, batches: Any, 
     `batches`: an iterable of `(inputs, labels)` or a pair `(inputs, labels)` stacked along a leading
     batch-count axis (labels of shape `(num_batches, batch, ...)`). Labels are integer classes of the
     logits' leading shape: `(batch,)` for a classifier, `(batch, tokens)` for a language model; the default
-    loss is the mean cross-entropy over all of them. Scores are summed over batches inside jit;
+    loss is the mean cross-entropy over all of them. A third member, `weights` of the labels' shape (≥ 0,
+    e.g. a 0/1 padding mask), makes it the weighted mean `Σ w·nll / Σ w`; labels of weight 0 are never
+    read (padding may be -100). A custom `loss` is called as `loss(logits, labels)` or
+    `loss(logits, labels, weights)`. Scores are summed over batches inside jit;
     with several devices each batch is sharded across them. `dtype=jnp.float64` scores in double
     precision (needs `jax_enable_x64`). Method options (OBA: `parts`, `first_order`, the deltas,
     `exclude`; random: `seed`) are checked against the method.

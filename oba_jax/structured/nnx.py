@@ -128,8 +128,16 @@ def shrink_model(model: nnx.Module, groups: Sequence[ChannelGroup], kept: Mappin
     (`mask_model`), else `ShrinkMismatchError` (a module that derives something from a pruned width)."""
     small = _shrink_model(model, groups, kept)
     if verify is not None:
-        check_same_outputs(mask_model(model, groups, kept)(verify), nnx.clone(small)(verify), "shrink_model")
+        check_same_outputs(_forward(mask_model(model, groups, kept), verify), _forward(nnx.clone(small), verify),
+                           "shrink_model")
     return small
+
+
+@nnx.jit
+def _forward(model: nnx.Module, inputs: Any) -> Any:
+    """One compiled forward: op-by-op dispatch compiles every layer's ops for every new shape (a small
+    ResNet-50: 224 programs, 9.5 s of the check, against one program per model)."""
+    return model(inputs)
 
 
 def _shrink_model(model: nnx.Module, groups: Sequence[ChannelGroup], kept: Mapping[str, Any]) -> nnx.Module:
