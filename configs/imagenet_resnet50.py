@@ -1,6 +1,9 @@
 """ResNet-50 on ImageNet-1k: OBA one-shot to ops ratio 0.51 with importance from 350 batches of 2 images,
-then the paper's fine-tuning (OBA_SPEC.md §5, §8). Give the ImageNet-pretrained weights as a train.py workdir:
+then the paper's fine-tuning (OBA_SPEC.md §5, §8). Start from torchvision's ImageNet weights, imported into a workdir
+(no torch needed; a timm .safetensors works too):
 
+    curl -LO https://download.pytorch.org/models/resnet50-0676ba61.pth
+    python -m oba_jax.experiment.pretrained --family resnet50 --weights resnet50-0676ba61.pth --workdir runs/imagenet_resnet50_dense
     python prune.py --config configs/imagenet_resnet50.py --workdir runs/imagenet_resnet50 --config.prune.pretrained=runs/imagenet_resnet50_dense
 """
 

@@ -1,6 +1,9 @@
 """ViT-B/16 on ImageNet-1k: OBA one-shot to ops ratio 0.51 (MLP hidden units only, as the authors) with importance from 350 batches of 2 images,
-then the paper's fine-tuning (OBA_SPEC.md §5, §8). Give the ImageNet-pretrained weights as a train.py workdir:
+then the paper's fine-tuning (OBA_SPEC.md §5, §8). Start from torchvision's ImageNet weights, imported into a workdir
+(no torch needed; a timm .safetensors works too):
 
+    curl -LO https://download.pytorch.org/models/vit_b_16-c867db91.pth
+    python -m oba_jax.experiment.pretrained --family vit --weights vit_b_16-c867db91.pth --workdir runs/imagenet_vit_b16_dense
     python prune.py --config configs/imagenet_vit_b16.py --workdir runs/imagenet_vit_b16 --config.prune.pretrained=runs/imagenet_vit_b16_dense
 """
 

@@ -24,19 +24,38 @@ SHRINK = {
                                    ("prune.ops_ratios", "(0.6, 0.3)")],
     "cifar10_resnet20_unstructured": [("model.spec.depth", "8"), ("prune.compare", "()")],
     "cifar100_resnet32": [("model.spec.width_multiplier", "1"), ("model.spec.depth", "8")],
-    "imagenet_resnet50": [("model.spec.image_size", "32"), ("model.spec.stem_width", "8"),
-                          ("model.spec.stage_widths", "(16, 16, 16, 16)"),
-                          ("model.spec.blocks_per_stage", "(1, 1, 1, 1)"),
-                          ("model.spec.block_widths", "(((8, 8),), ((8, 8),), ((8, 8),), ((8, 8),))")],
+    # the ImageNet configs start from torchvision weights: the committed narrow fixtures (tests/test_pretrained.py)
+    "imagenet_resnet50": [("model.spec.image_size", "32"), ("model.spec.stem_width", "64"),
+                          ("model.spec.stage_widths", "(16, 32, 64, 128)"),
+                          ("model.spec.blocks_per_stage", "(1, 2, 1, 1)"),
+                          ("model.spec.block_widths", "(((4, 4),), ((8, 8), (8, 8)), ((16, 16),), ((32, 32),))"),
+                          ("model.spec.num_classes", "10"), ("data.synthetic.num_classes", "10")],
     "imagenet_vit_b16": [("model.spec.image_size", "32"), ("model.spec.num_layers", "2"),
                          ("model.spec.hidden_dim", "32"), ("model.spec.num_heads", "2"),
                          # MLP-heavy as ViT-B/16 is, so pruning MLP units alone can reach ops ratio 0.51
-                         ("model.spec.mlp_dim", "256"), ("model.spec.patch_size", "8")],
+                         ("model.spec.mlp_dim", "256"), ("model.spec.patch_size", "8"),
+                         ("model.spec.num_classes", "10"), ("data.synthetic.num_classes", "10")],
 }
+
+
+PRETRAINED = {"imagenet_resnet50": ("resnet50", "tv_resnet50_narrow.pth", None),
+              "imagenet_vit_b16": ("vit", "tv_vit_tiny.pth", 2)}
 
 
 def _name(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
+
+
+@pytest.fixture(scope="module")
+def pretrained_workdirs(tmp_path_factory):
+    """The torchvision fixtures imported as `python -m oba_jax.experiment.pretrained` would."""
+    from oba_jax.experiment import pretrained
+    out = {}
+    for config, (family, weights, heads) in PRETRAINED.items():
+        out[config] = str(tmp_path_factory.mktemp(config))
+        pretrained.import_weights(family, os.path.join(REPO, "tests", "fixtures", "pretrained", weights), out[config],
+                                  num_heads=heads, image_size=32)
+    return out
 
 
 # A config that is another with only the dataset and its class count changed runs no pipeline of its own
@@ -98,10 +117,11 @@ def test_model_variants_differ_only_in_the_model(name, base):
 
 
 @pytest.mark.parametrize("path", PIPELINES, ids=_name)
-def test_config_trains_and_prunes_on_synthetic_data(path, tmp_path):
+def test_config_trains_and_prunes_on_synthetic_data(path, tmp_path, request):
     """The whole prune.py pipeline of every config on synthetic data of its shapes: dense training (two
     steps, checkpointed), the schedule, the shrink, evaluation and the report (fine-tuning stops at 0
-    steps: its train step is the dense run's, compiled once here already)."""
+    steps: its train step is the dense run's, compiled once here already). The ImageNet configs start from
+    imported torchvision weights (`prune.pretrained`) instead of dense training, as their docstrings say."""
     base = config_lib.load_config(path, num_devices=1)
     overrides = SHRINK.get(_name(path), []) + [
         ("data.name", "synthetic"), ("data.synthetic.num_train", "16"), ("data.synthetic.num_test", "8"),
@@ -112,12 +132,14 @@ def test_config_trains_and_prunes_on_synthetic_data(path, tmp_path):
         ("plot.enabled", "false")]
     if _name(path).startswith("imagenet"):
         overrides.append(("data.synthetic.image_shape", "(32, 32, 3)"))
+        overrides.append(("prune.pretrained", request.getfixturevalue("pretrained_workdirs")[_name(path)]))
     if _name(path).startswith("cifar10_resnet32"):
         overrides.append(("model.spec.depth", "8"))   # the recipe is the same; 15 blocks only cost time here
     config = config_lib.load_config(path, overrides, num_devices=1)
     report = pipelines.run(config, str(tmp_path))
     assert pipelines.load_report(str(tmp_path)) == report      # the schema round-trips through report.json
-    assert os.path.isdir(tmp_path / "dense" / "checkpoints" / "2")     # two dense training steps
+    if config.prune.pretrained is None:
+        assert os.path.isdir(tmp_path / "dense" / "checkpoints" / "2")     # two dense training steps
     assert report.importance == base.prune.importance
     if config.prune.mode == "unstructured":
         final = report.results[config.prune.importance].final

@@ -1,4 +1,4 @@
-"""Tests for oba_jax.data and oba_jax.imagenet: every reader on tiny files in the official formats."""
+"""Tests for oba_jax.experiment.data and oba_jax.experiment.imagenet: every reader on tiny files in the official formats."""
 
 from __future__ import annotations
 
@@ -378,7 +378,8 @@ def test_imagenet_load_dataset_points_to_loader(tmp_path):
         data.load_dataset("imagenet2012", str(tmp_path))
     (tmp_path / "imagenet2012" / "5.1.0").mkdir(parents=True)
     (tmp_path / "imagenet2012" / "5.1.0" / "dataset_info.json").write_text("{}")
-    with pytest.raises(ValueError, match="imagenet_loader"):
+    from oba_jax.experiment.config import ConfigError       # status 2 in the CLIs, not a traceback
+    with pytest.raises(ConfigError, match=r"cannot stream a dataset yet.*oba_jax\.experiment\.imagenet\.imagenet_loader"):
         data.load_dataset("imagenet2012", str(tmp_path))
 
 

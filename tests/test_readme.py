@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_readme_python_examples_run(tmp_path):
     """The first example (scores in your own code) and 'Pruning your own model' (a Flax linen model shrunk,
-    exported with a symbolic batch and reloaded), one after the other in one interpreter."""
+    exported with a symbolic batch and reloaded; then a plain function), one after the other in one interpreter."""
     text = open(os.path.join(ROOT, "README.md")).read()
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     assert blocks, "README has no python example"
@@ -24,3 +24,4 @@ def test_readme_python_examples_run(tmp_path):
     diff = float(re.search(r"max \|shrunk - masked\| = (\S+)", proc.stdout).group(1))
     assert diff < 1e-4 and "reloaded, batch 3: (3, 10)" in proc.stdout, proc.stdout
     assert (tmp_path / "pruned.stablehlo").stat().st_size > 0
+    assert "(4, 3) (5, 3)" in proc.stdout, proc.stdout          # the plain-function model, reloaded

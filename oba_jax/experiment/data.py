@@ -13,7 +13,7 @@ Directories are searched in the order ``data_dir``, ``$OBA_JAX_DATA``, ``$TFDS_D
 
 Nothing is downloaded unless ``download=True`` is passed; a missing dataset raises
 :class:`DatasetNotFoundError` listing every place searched and how to provide the data.
-ImageNet is streamed from disk by :func:`oba_jax.imagenet.imagenet_loader` instead.
+ImageNet is streamed from disk by :func:`oba_jax.experiment.imagenet.imagenet_loader` instead.
 """
 
 from __future__ import annotations
@@ -515,9 +515,11 @@ def _imagenet_not_in_memory(data_dir: str | None):
             + "\nTo provide it: download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from "
             "https://image-net.org into DIR/downloads/manual/, then run (on a machine with TensorFlow) "
             "`tfds build imagenet2012 --data_dir=DIR --file_format=array_record` and pass data_dir=DIR.")
-    raise ValueError(
-        f"imagenet2012 (found in {found[0]}) does not fit in memory: stream it with "
-        "oba_jax.imagenet.imagenet_loader(split, data_dir, batch_size, train=..., seed=..., num_workers=...)")
+    from oba_jax.experiment.config import ConfigError   # (config imports this module lazily: no cycle)
+    raise ConfigError(
+        f"config.data.name: imagenet2012 (found in {found[0]}) does not fit in memory, and train.py / prune.py "
+        "cannot stream a dataset yet; from your own code, stream it with oba_jax.experiment.imagenet."
+        "imagenet_loader(split, data_dir, batch_size, train=..., seed=..., num_workers=...)")
 
 
 # ----------------------------------------------------------------------------- synthetic
