@@ -334,12 +334,15 @@ def test_the_registry_has_one_pipeline_per_mode():
 
 
 def test_no_library_module_exits_the_interpreter():
+    """(A module's `if __name__ == "__main__":` block is a program, `python -m …`: it may exit.)"""
     import ast
     offenders = []
     for folder, _, files in os.walk(os.path.join(ROOT, "oba_jax")):
         for name in (f for f in files if f.endswith(".py")):
             tree = ast.parse(open(os.path.join(folder, name)).read())
-            offenders += [f"{name}:{node.lineno}" for node in ast.walk(tree)
+            library = [node for node in tree.body if not (isinstance(node, ast.If)
+                                                           and ast.unparse(node.test) == "__name__ == '__main__'")]
+            offenders += [f"{name}:{node.lineno}" for top in library for node in ast.walk(top)
                           if isinstance(node, ast.Call) and ast.unparse(node.func) in ("sys.exit", "exit", "quit")]
     assert not offenders
 

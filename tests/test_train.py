@@ -221,3 +221,41 @@ def test_masked_fine_tuning_keeps_pruned_weights_zero_through_checkpoint_and_res
     assert step == 8
     for a, b in zip(jax.tree.leaves(stored), jax.tree.leaves(masks)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bfloat16_compute_trains_with_float32_parameters_and_scores_in_float32():
+    """`train.compute_dtype=bfloat16`: every conv and dot of the train step runs in bf16 (BN statistics and
+    the loss in float32), the parameters and optimizer state stay float32, the loss follows the float32
+    run's, and importance scores of the trained model are float32."""
+    import oba_jax
+    config = small_config(epochs=1, compute_dtype="bfloat16")
+    config.model.family = "vgg"
+    config.model.spec = ml_collections.ConfigDict({"cfg": (8, "M", 16), "in_channels": 1, "image_size": 8})
+    config_lib.validate_config(config)
+    dataset = train_lib.load_dataset_for(config)
+    model = build_model(config_lib.model_spec(config), rngs=nnx.Rngs(0))
+    parts, params, stats = train_lib.split_model(model)
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        config.train.compute_dtype = dtype
+        trainer = train_lib.make_trainer(config, parts, dataset)
+        losses = []
+        state = train_lib.train_steps(trainer, train_lib.create_state(trainer, params, stats), 0, 4,
+                                      lambda s, st, m: losses.append(float(m["loss"])))
+        runs[dtype] = (trainer, state, losses)
+    trainer, state, losses = runs["bfloat16"]
+    x = jnp.asarray(dataset.train_images[:4], jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda p: train_lib.apply_model(trainer.parts, p, state.batch_stats, x, train=True))(
+        state.params)
+    products = [e for e in jaxpr.jaxpr.eqns if e.primitive.name in ("conv_general_dilated", "dot_general")]
+    assert len(products) == 3 and all(v.aval.dtype == jnp.bfloat16 for e in products for v in e.invars)
+    assert jaxpr.out_avals[0].dtype == jnp.float32
+    leaves = jax.tree.leaves((state.params, state.batch_stats, state.opt_state))
+    assert all(a.dtype == jnp.float32 for a in leaves if jnp.issubdtype(a.dtype, jnp.floating))
+    np.testing.assert_allclose(losses, runs["float32"][2], rtol=3e-2)      # bf16 rounding, same trajectory
+    assert losses != runs["float32"][2]                                   # and it did compute in bf16
+    trained = train_lib.merge_model(parts, state.params, state.batch_stats)
+    result = oba_jax.score_model(trained, [(x, jnp.asarray(dataset.train_labels[:4]))], "oba")
+    assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(result.sum))
+    with pytest.raises(config_lib.ConfigError, match="train.compute_dtype"):
+        config_lib.validate_config(small_config(compute_dtype="float16"))

@@ -27,6 +27,10 @@ SCORE_DTYPES = ("float32", "float64")
 OPEN_SECTIONS = ("model.spec", "data.synthetic")
 
 
+# `train.compute_dtype`: what layers compute in while training (parameters, optimizer state, scores: float32)
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
 class ConfigError(ValueError):
     """A config file, override or value is invalid; the message names the key."""
 
@@ -303,6 +307,9 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
     _check(max_steps is None or (_is_int(max_steps) and max_steps > 0), "train.max_steps",
            f"must be None or a positive int, got {max_steps!r}")
     _check(_is_int(_get(config, "train.seed")), "train.seed", "must be an int")
+    if "compute_dtype" in config.train:
+        dtype = _get(config, "train.compute_dtype")
+        _check(dtype in COMPUTE_DTYPES, "train.compute_dtype", f"must be one of {COMPUTE_DTYPES}, got {dtype!r}")
     if "overwrite" in config:
         _check(isinstance(config.overwrite, bool), "overwrite", "must be true/false")
     if "prune" in config:
@@ -452,6 +459,9 @@ def default_sections() -> ml_collections.ConfigDict:
         "log_every_steps": 50, "checkpoint_every_steps": 500,
         "max_steps": ml_collections.FieldReference(None, field_type=int),
         "progress_bar": True, "distributed": False,
+        # the dtype layers compute in during training and its evaluations; parameters, optimizer state and
+        # importance scores stay float32 (Flax's dtype / param_dtype split)
+        "compute_dtype": "float32",
     })
     config.plot = ml_collections.ConfigDict({"enabled": True, "filename": "curves.png"})
     config.prune = prune_section()
@@ -551,13 +561,15 @@ def cifar_wide_resnet32(dataset: str) -> ml_collections.ConfigDict:
 
 def imagenet_finetune_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The paper's ImageNet fine-tuning (OBA_SPEC.md §8): 100 epochs, lr 0.001, wd 1e-4,
-    lr x0.1 at epochs 30/60/80. Augmentation (RandomResizedCrop etc.) happens in the ImageNet loader."""
+    lr x0.1 at epochs 30/60/80, computed in bfloat16. Augmentation (RandomResizedCrop etc.) happens in the
+    ImageNet loader."""
     config.data.name = "imagenet2012"
     config.data.augment = False  # the streaming loader crops/flips off the accelerator
     config.data.synthetic.image_shape = (224, 224, 3)
     config.data.synthetic.num_classes = 1000
     config.optim.update(lr=0.001, momentum=0.9, weight_decay=1e-4, schedule="multistep",
                         milestones=(30, 60, 80), gamma=0.1)
+    # bf16 compute on accelerators, float32 parameters / optimizer state / scores
     config.train.update(epochs=100, batch_size=256, eval_batch_size=256, log_every_steps=100,
-                        checkpoint_every_steps=1000)
+                        checkpoint_every_steps=1000, compute_dtype="bfloat16")
     return config

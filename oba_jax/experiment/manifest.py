@@ -33,13 +33,14 @@ MANIFEST_FILE = "manifest.json"
 
 _DATA = ("model.", "data.name", "data.augment", "data.synthetic.")
 _FINETUNE = (*_DATA, "optim.momentum", "optim.nesterov", "optim.gamma", "optim.label_smoothing", "train.batch_size",
-             "train.seed", "finetune.")
+             "train.seed", "train.compute_dtype", "finetune.")
 _SCORES = ("prune.bn_mode", "prune.score_batches", "prune.score_batch_size", "prune.seed")
 # The config keys (exact, or prefixes ending in '.') that determine a stage's result, per kind of stage. Keys
 # that only change where or how a run reports (data_dir, progress, logging and checkpoint intervals, eval
 # batch size, latency repeats, plots) are not inputs.
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
-    "dense": (*_DATA, "optim.", "train.epochs", "train.batch_size", "train.seed", "train.max_steps"),
+    "dense": (*_DATA, "optim.", "train.epochs", "train.batch_size", "train.seed", "train.max_steps",
+              "train.compute_dtype"),
     "structured": (*_FINETUNE, *_SCORES, "prune.mode", "prune.importance", "prune.normalizer", "prune.steps",
                    "prune.final_ratio", "prune.global_pruning", "prune.max_pruning_ratio", "prune.round_to",
                    "prune.kinds", "prune.ignored_layers", "prune.count_attention"),

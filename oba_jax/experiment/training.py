@@ -63,10 +63,25 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class ModelParts:
-    """The static half of a split model plus the state that training never changes."""
+    """The static half of a split model plus the state that training never changes, and the dtype its
+    layers compute in (None: the parameters', float32)."""
 
     graphdef: Any
     other: Any
+    compute_dtype: Any = None
+
+
+# the NNX layers whose `dtype` attribute is their computation dtype (`param_dtype` stays what it is)
+_COMPUTING_LAYERS = (nnx.Linear, nnx.Conv, nnx.BatchNorm, nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm, nnx.Embed,
+                     nnx.MultiHeadAttention, nnx.Einsum)
+
+
+def _compute_in(model: nnx.Module, dtype: Any) -> None:
+    """Flax's mixed precision on a merged model: every layer casts its inputs and parameters to `dtype`
+    (as `dtype=` at construction would), norms keep computing their statistics in float32."""
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, _COMPUTING_LAYERS):
+            module.dtype = dtype
 
 
 def split_model(model: nnx.Module) -> tuple[ModelParts, Any, Any]:
@@ -85,7 +100,10 @@ def apply_model(parts: ModelParts, params: Any, batch_stats: Any, images: jax.Ar
     """Logits and the (possibly updated) batch stats; BN uses batch statistics iff ``train``."""
     model = merge_model(parts, params, batch_stats)
     model.train() if train else model.eval()
-    logits = model(images)
+    if parts.compute_dtype is not None:
+        _compute_in(model, parts.compute_dtype)
+        images = images.astype(parts.compute_dtype)
+    logits = model(images).astype(jnp.float32)   # the loss and the metrics in float32
     return logits, nnx.state(model, nnx.BatchStat)
 
 
@@ -281,6 +299,8 @@ def make_trainer(config: ml_collections.ConfigDict, parts: ModelParts, dataset, 
     """Compiles the step functions and puts the training set on device. With `masks` (a bool pytree like
     the params, True = kept) the optimizer is `masked_optimizer(tx, masks)`: pruned weights stay zero."""
     mesh = data_mesh() if mesh is None else mesh
+    compute = config.train.get("compute_dtype", "float32")     # (one of config_lib.COMPUTE_DTYPES)
+    parts = dataclasses.replace(parts, compute_dtype=None if compute == "float32" else jnp.dtype(compute))
     spe = steps_per_epoch_of(len(dataset.train_labels), config.train.batch_size)
     total = total_steps_of(config, spe)
     # The schedule is defined over the full epochs even when max_steps truncates the run, so a
