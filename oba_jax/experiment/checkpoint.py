@@ -40,6 +40,7 @@ import orbax.checkpoint as ocp
 
 from oba_jax import nnx_model
 from oba_jax.paths import flat_by_path, unflatten_by_path
+from oba_jax.sharding import data_mesh, replicated
 
 CHECKPOINT_DIR = "checkpoints"
 MAX_TO_KEEP = 2
@@ -89,9 +90,12 @@ def unflatten_named(template: Any, prefix: str, flat: Mapping[str, Any]) -> Any:
 
 
 def _abstract(flat: Mapping[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
-    """Restore targets: shape, dtype and (when the template is a jax.Array) its sharding."""
+    """Restore targets: shape, dtype and sharding — the template's when it is a jax.Array, else replicated
+    over this run's devices (not the saved one: a checkpoint written by two processes restores in one)."""
+    everywhere = replicated(data_mesh())
+
     def one(x):
-        sharding = x.sharding if isinstance(x, jax.Array) else None
+        sharding = x.sharding if isinstance(x, jax.Array) else everywhere
         return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
     return {k: one(v) for k, v in flat.items()}
 
@@ -520,7 +524,7 @@ def restore_model(path: str, step: int | None = None):
         _, state = nnx_model.split(abstract)
         params, batch_stats = state.params, state.batch_stats
         flat = {**flatten_named(params, "params"), **flatten_named(batch_stats, "batch_stats")}
-        target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()}
+        target = _abstract(flat)
         restored = _restore_items(manager, step, meta, {"model": target})["model"]
         return spec, abstract, params, batch_stats, restored, meta
 
@@ -568,7 +572,7 @@ def restore_masks(path: str, step: int | None = None) -> tuple[Any, int]:
             raise ValueError(f"checkpoint {directory}/{step} holds no masks of this model: it is not of a masked "
                              "fine-tuning run")
         # the train item is restored whole (orbax restores a tree, not a part of one); its list is the checksums'
-        target = {k: jax.ShapeDtypeStruct(tuple(r["shape"]), np.dtype(r["dtype"])) for k, r in stored.items()}
+        target = _abstract({k: jax.ShapeDtypeStruct(tuple(r["shape"]), np.dtype(r["dtype"])) for k, r in stored.items()})
         train = _restore_items(manager, step, meta, {"train": target})["train"]
         return params, {k: v for k, v in train.items() if k in names}
 

@@ -27,6 +27,48 @@ SCORE_DTYPES = ("float32", "float64")
 OPEN_SECTIONS = ("model.spec", "data.synthetic")
 
 
+def initialize_distributed(config: ml_collections.ConfigDict) -> None:
+    """`jax.distributed.initialize` from `train.coordinator_address` / `num_processes` / `process_id` (None:
+    the cluster's), with gloo collectives for CPU devices; a coordinator that cannot be reached is a
+    ConfigError naming it."""
+    import jax
+    train = config.train
+    kwargs = {k: train.get(k) for k in ("coordinator_address", "num_processes", "process_id")
+              if train.get(k) is not None}
+    timeout = int(train.get("initialization_timeout_s", 300))
+    where = kwargs.get("coordinator_address", "the cluster's coordinator")
+    advice = ("start every process with the same coordinator_address and num_processes and its own process_id "
+              "(process 0 runs the coordinator), or run on a cluster JAX detects")
+    if kwargs.get("process_id", 0) != 0 and "coordinator_address" in kwargs:
+        # XLA's client aborts the process when it cannot connect: find out first, and say so
+        if not _reachable(kwargs["coordinator_address"], timeout):
+            raise ConfigError(f"config.train.distributed: could not join the run at {where}: nothing accepted a "
+                              f"connection there within {timeout} s (train.initialization_timeout_s); {advice}")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")   # CPU devices across processes
+    try:
+        jax.distributed.initialize(initialization_timeout=timeout, **kwargs)
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(f"config.train.distributed: could not join the run at {where} "
+                          f"({type(err).__name__}: {str(err).splitlines()[0][:300]}); {advice}") from None
+
+
+def _reachable(address: str, timeout: float) -> bool:
+    """Whether `host:port` accepts a TCP connection within `timeout` seconds (retrying: process 0 may start
+    later than the others)."""
+    import socket
+    import time
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host or "localhost", int(port)), timeout=1.0):
+                return True
+        except (OSError, ValueError):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+
+
 # `train.compute_dtype`: what layers compute in while training (parameters, optimizer state, scores: float32)
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -206,8 +248,7 @@ def config_from_cli(argv: Sequence[str], *, prog: str, description: str, workdir
     for key, text in overrides:
         apply_override(config, key, text)
     if config.get("train", {}).get("distributed", False):
-        import jax
-        jax.distributed.initialize()
+        initialize_distributed(config)
     validate_config(config)
     config.lock()
     return args.workdir, config
@@ -459,6 +500,12 @@ def default_sections() -> ml_collections.ConfigDict:
         "log_every_steps": 50, "checkpoint_every_steps": 500,
         "max_steps": ml_collections.FieldReference(None, field_type=int),
         "progress_bar": True, "distributed": False,
+        # with distributed: the coordinator's host:port, the number of processes and this one's index (None:
+        # read from the cluster, as jax.distributed.initialize() does on SLURM, Open MPI, Cloud TPU, …)
+        "coordinator_address": ml_collections.FieldReference(None, field_type=str),
+        "num_processes": ml_collections.FieldReference(None, field_type=int),
+        "process_id": ml_collections.FieldReference(None, field_type=int),
+        "initialization_timeout_s": 300,
         # the dtype layers compute in during training and its evaluations; parameters, optimizer state and
         # importance scores stay float32 (Flax's dtype / param_dtype split)
         "compute_dtype": "float32",

@@ -37,6 +37,11 @@ def _holder(path: str) -> str:
         return "a process that has not written its details yet"
 
 
+def _process_index() -> int:
+    import jax   # (deferred: this module is imported by config checks that must not start a backend)
+    return jax.process_index()
+
+
 @contextlib.contextmanager
 def workdir_lock(workdir: str) -> Iterator[str]:
     """Holds `workdir/.lock` (creating the workdir) for the duration; `WorkdirLockedError` naming the
@@ -45,6 +50,9 @@ def workdir_lock(workdir: str) -> Iterator[str]:
         raise NotADirectoryError(errno.ENOTDIR, "--workdir names an existing file, not a directory", workdir)
     os.makedirs(workdir, exist_ok=True)
     path = os.path.realpath(os.path.join(workdir, LOCK_FILE))
+    if _process_index() != 0:   # one run of several processes: process 0 holds the lock for all of them
+        yield path
+        return
     if path in _HELD:
         _HELD[path][1] += 1
         try:

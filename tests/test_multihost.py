@@ -1,0 +1,109 @@
+"""Multi-host, run: two `train.py` processes on this machine joined by `jax.distributed` (a localhost
+coordinator, one CPU device each, gloo collectives) train what one process trains, write one checkpoint, one
+metrics log and one plot, and the checkpoint restores in a single process."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+from flax import nnx
+
+from oba_jax.experiment.checkpoint import restore_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "synthetic_mlp.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _train(workdir, *extra):
+    return [sys.executable, os.path.join(REPO, "train.py"), "--config", CONFIG, "--workdir", str(workdir),
+            "--config.train.progress_bar=false", *extra]
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # one CPU device per process
+    return dict(env, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+
+
+def _records(workdir):
+    keep = ("kind", "step", "train_loss", "train_accuracy", "eval_loss", "eval_top1")
+    return [{k: r[k] for k in keep if k in r} for r in map(json.loads, open(workdir / "metrics.jsonl"))]
+
+
+def test_two_processes_train_what_one_does_and_write_once(tmp_path):
+    port = _free_port()
+    joined = [f"--config.train.distributed=true", f"--config.train.coordinator_address=localhost:{port}",
+              "--config.train.num_processes=2"]
+    procs = [subprocess.Popen(_train(tmp_path / "two", *joined, f"--config.train.process_id={i}"), env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
+             for i in range(2)]
+    single = subprocess.run(_train(tmp_path / "one"), env=_env(), capture_output=True, text=True, timeout=300,
+                            cwd=str(tmp_path))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outs]
+    assert single.returncode == 0, single.stderr[-2000:]
+    two, one = _records(tmp_path / "two"), _records(tmp_path / "one")
+    assert [r["kind"] for r in two] == [r["kind"] for r in one]                 # one log, no record twice
+    for a, b in zip(two, one):
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5) if k != "kind" else None
+    assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["4"]
+    assert (tmp_path / "two" / "curves.png").is_file()
+    restored, meta = restore_model(str(tmp_path / "two"))                      # in this one process
+    reference, _ = restore_model(str(tmp_path / "one"))
+    for a, b in zip(jax.tree.leaves(nnx.state(restored)), jax.tree.leaves(nnx.state(reference))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert meta["step"] == 4
+
+
+def test_an_unreachable_coordinator_is_one_message_and_status_2(tmp_path):
+    port = _free_port()   # nobody listens there
+    out = subprocess.run(_train(tmp_path / "w", "--config.train.distributed=true",
+                                f"--config.train.coordinator_address=localhost:{port}",
+                                "--config.train.num_processes=2", "--config.train.process_id=1",
+                                "--config.train.initialization_timeout_s=3"),
+                         env=_env(), capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"could not join the run at localhost:{port}" in out.stderr and "Traceback" not in out.stderr
+
+
+_SCORE = """
+import json, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+import numpy as np
+import oba_jax
+from nets import mlp_apply, mlp_params
+rng = np.random.default_rng(0)
+x, y = rng.normal(size=(2, 8, 6)).astype(np.float32), rng.integers(0, 3, (2, 8))
+result = oba_jax.score(mlp_apply, mlp_params((6, 5, 4, 3)), (x, y))   # each batch sharded over both processes
+if jax.process_index() == 0:
+    json.dump({p: np.asarray(v).tolist() for p, v in result.by_path().items()}, open(sys.argv[3], "w"))
+"""
+
+
+def test_scores_of_two_processes_equal_one_process_on_the_same_global_batches(tmp_path):
+    import oba_jax
+    from nets import mlp_apply, mlp_params
+    address = f"localhost:{_free_port()}"
+    env = dict(_env(), PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]))
+    procs = [subprocess.Popen([sys.executable, "-c", _SCORE, address, str(i), str(tmp_path / "scores.json")],
+                              env=env, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path)) for i in range(2)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for e in errs]
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(2, 8, 6)).astype(np.float32), rng.integers(0, 3, (2, 8))
+    expected = oba_jax.score(mlp_apply, mlp_params((6, 5, 4, 3)), (x, y)).by_path()
+    got = json.load(open(tmp_path / "scores.json"))
+    assert set(got) == set(expected)
+    for path, value in expected.items():
+        np.testing.assert_allclose(got[path], value, rtol=1e-5, atol=1e-7, err_msg=path)
