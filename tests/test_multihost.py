@@ -1,6 +1,6 @@
-"""Multi-host, run: two `train.py` processes on this machine joined by `jax.distributed` (a localhost
-coordinator, one CPU device each, gloo collectives) train what one process trains, write one checkpoint, one
-metrics log and one plot, and the checkpoint restores in a single process."""
+"""Multi-host, run: two `prune.py` processes on this machine joined by `jax.distributed` (a localhost
+coordinator, one CPU device each, gloo collectives) train, score, prune and fine-tune what one process does,
+write each checkpoint, log, plot and the report once, and their checkpoints restore in a single process."""
 import json
 import os
 import socket
@@ -23,8 +23,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(workdir, *extra):
-    return [sys.executable, os.path.join(REPO, "train.py"), "--config", CONFIG, "--workdir", str(workdir),
+def _prune(workdir, *extra):
+    """prune.py on the tiny synthetic MLP: dense training, scores, the schedule, fine-tuning, the report."""
+    return [sys.executable, os.path.join(REPO, "prune.py"), "--config", CONFIG, "--workdir", str(workdir),
             "--config.train.progress_bar=false", *extra]
 
 
@@ -38,35 +39,44 @@ def _records(workdir):
     return [{k: r[k] for k in keep if k in r} for r in map(json.loads, open(workdir / "metrics.jsonl"))]
 
 
-def test_two_processes_train_what_one_does_and_write_once(tmp_path):
+def _without(report, keys=("latency_dense_ms", "latency_pruned_ms", "checkpoint", "dense_checkpoint")):
+    if isinstance(report, dict):
+        return {k: _without(v) for k, v in report.items() if k not in keys}
+    return [_without(v) for v in report] if isinstance(report, list) else report
+
+
+def test_two_processes_prune_what_one_does_and_write_once(tmp_path):
     port = _free_port()
-    joined = [f"--config.train.distributed=true", f"--config.train.coordinator_address=localhost:{port}",
+    joined = ["--config.train.distributed=true", f"--config.train.coordinator_address=localhost:{port}",
               "--config.train.num_processes=2"]
-    procs = [subprocess.Popen(_train(tmp_path / "two", *joined, f"--config.train.process_id={i}"), env=_env(),
+    procs = [subprocess.Popen(_prune(tmp_path / "two", *joined, f"--config.train.process_id={i}"), env=_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
              for i in range(2)]
-    single = subprocess.run(_train(tmp_path / "one"), env=_env(), capture_output=True, text=True, timeout=300,
+    single = subprocess.run(_prune(tmp_path / "one"), env=_env(), capture_output=True, text=True, timeout=300,
                             cwd=str(tmp_path))
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outs]
     assert single.returncode == 0, single.stderr[-2000:]
-    two, one = _records(tmp_path / "two"), _records(tmp_path / "one")
-    assert [r["kind"] for r in two] == [r["kind"] for r in one]                 # one log, no record twice
-    for a, b in zip(two, one):
-        for k in a:
-            np.testing.assert_allclose(a[k], b[k], rtol=1e-5) if k != "kind" else None
-    assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["4"]
-    assert (tmp_path / "two" / "curves.png").is_file()
-    restored, meta = restore_model(str(tmp_path / "two"))                      # in this one process
-    reference, _ = restore_model(str(tmp_path / "one"))
-    for a, b in zip(jax.tree.leaves(nnx.state(restored)), jax.tree.leaves(nnx.state(reference))):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-    assert meta["step"] == 4
+    # the same training curves, scores, schedule, accuracies and sizes (the report), written once
+    two, one = (json.load(open(tmp_path / d / "report.json")) for d in ("two", "one"))
+    assert _without(two) == _without(one)
+    for stage in ("dense", "ops_0.5"):
+        a, b = _records(tmp_path / "two" / stage), _records(tmp_path / "one" / stage)
+        assert [r["kind"] for r in a] == [r["kind"] for r in b]                 # one log, no record twice
+        for ra, rb in zip(a, b):
+            assert ra.keys() == rb.keys() and all(np.isclose(ra[k], rb[k], rtol=1e-5) for k in ra if k != "kind")
+        assert len(os.listdir(tmp_path / "two" / stage / "checkpoints")) == 1
+    assert not list((tmp_path / "two").rglob("*.tmp"))
+    for stage in ("dense", "ops_0.5"):                                          # restored in this one process
+        restored, _ = restore_model(str(tmp_path / "two" / stage))
+        reference, _ = restore_model(str(tmp_path / "one" / stage))
+        for a, b in zip(jax.tree.leaves(nnx.state(restored)), jax.tree.leaves(nnx.state(reference))):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 def test_an_unreachable_coordinator_is_one_message_and_status_2(tmp_path):
     port = _free_port()   # nobody listens there
-    out = subprocess.run(_train(tmp_path / "w", "--config.train.distributed=true",
+    out = subprocess.run(_prune(tmp_path / "w", "--config.train.distributed=true",
                                 f"--config.train.coordinator_address=localhost:{port}",
                                 "--config.train.num_processes=2", "--config.train.process_id=1",
                                 "--config.train.initialization_timeout_s=3"),

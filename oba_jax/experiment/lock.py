@@ -91,6 +91,9 @@ def reading_lock(workdir: str, what: str = "the workdir") -> Iterator[None]:
     would be read at whichever step is newest), and a run that starts on it meanwhile is refused in turn.
     Writes nothing: a read-only workdir, or one without a lock file (never run by train.py), reads unlocked."""
     path = os.path.realpath(os.path.join(workdir, LOCK_FILE))
+    if _process_index() != 0:   # one run of several processes: process 0 holds the locks for all of them
+        yield
+        return
     if path in _HELD or not os.path.isfile(path):   # held by this process (re-entrant), or no run ever held it
         yield
         return

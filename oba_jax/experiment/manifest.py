@@ -25,6 +25,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from oba_jax.experiment.hosts import decided_once
+
 from oba_jax.experiment.config import ConfigError
 
 __all__ = ["MANIFEST_FILE", "STAGE_KEYS", "Manifest", "claim_stage", "config_inputs", "model_digest"]
@@ -137,7 +139,13 @@ def _differences(stored: Manifest, now: Manifest) -> list[str]:
 def claim_stage(directory: str, manifest: Manifest, *, overwrite: bool) -> bool:
     """Makes `directory` this stage's: a new or matching directory is kept (True when work of the same inputs
     is already there to reuse), one of other inputs is a ConfigError naming them — or, with `overwrite`,
-    deleted and started afresh (a warning names it). The manifest is on disk before the stage writes."""
+    deleted and started afresh (a warning names it). The manifest is on disk before the stage writes.
+    In a run of several processes, process 0 decides and writes, and every process gets its answer."""
+    return bool(decided_once(lambda: int(_claim(directory, manifest, overwrite=overwrite)),
+                             f"the stage directory {directory}"))
+
+
+def _claim(directory: str, manifest: Manifest, *, overwrite: bool) -> bool:
     if _is_fresh(directory):
         _write(directory, manifest)
         return False

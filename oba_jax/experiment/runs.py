@@ -15,6 +15,7 @@ from flax import nnx
 from oba_jax.experiment import checkpoint as ckpt_lib
 from oba_jax.experiment import config as config_lib
 from oba_jax.experiment import training
+from oba_jax.experiment.hosts import is_writer
 from oba_jax.experiment.lock import reading_lock
 from oba_jax.experiment.manifest import Manifest, claim_stage, config_inputs, model_digest
 
@@ -155,7 +156,8 @@ def save_figure(fig, workdir: str, name: str) -> str:
     import matplotlib.pyplot as plt
     fig.tight_layout()
     path = os.path.join(workdir, name)
-    fig.savefig(path, dpi=110)
+    if is_writer():   # (one process of a multi-host run writes the run's files)
+        fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 

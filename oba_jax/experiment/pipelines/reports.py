@@ -15,6 +15,8 @@ import typing
 from collections.abc import Callable
 from typing import Any, Union
 
+from oba_jax.experiment.hosts import is_writer
+
 __all__ = ["REPORT_FILE", "FineTunedMasks", "FinalMasks", "KeepPoint", "KeepStep", "MaskSummary", "MethodResult",
            "NMResult", "Report", "ScheduleStep", "ScoreReport", "StructuredReport", "TargetResult", "UnstructuredReport",
            "load_report", "publish", "report_from_dict", "write_report"]
@@ -192,6 +194,8 @@ def write_report(report: Report, workdir: str) -> str:
     """`workdir/report.json` from `asdict(report)`, written to a temporary file and renamed (a report on disk
     is always complete); the path."""
     path = os.path.join(workdir, REPORT_FILE)
+    if not is_writer():   # (another process of this run writes it)
+        return path
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(dataclasses.asdict(report), f, indent=2, default=float)

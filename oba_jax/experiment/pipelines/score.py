@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from oba_jax.experiment import runs
+from oba_jax.experiment.hosts import is_writer
 from oba_jax.experiment.pipelines.reports import ScoreReport, publish
 from oba_jax.scores import channel_scores, get_method, score_model
 
@@ -59,16 +60,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> ScoreReport:
             arrays.update({f"{part}/{k}": np.asarray(v) for k, v in result.by_path(part).items()})
         channels = channel_scores(result) if result.graph is not None else None
 
-    os.makedirs(out, exist_ok=True)
-    np.savez(os.path.join(out, "scores.npz"), count=result.count, **arrays)
-    if result.graph is not None:
-        np.savez(os.path.join(out, "channel_scores.npz"),
-                 **{f"out/{k}": np.asarray(v.outputs) for k, v in channels.items()},
-                 **{f"in/{k}": np.asarray(v.inputs) for k, v in channels.items()})
-        with open(os.path.join(out, "graph.txt"), "w") as f:
-            f.write(result.graph.summary() + "\n")
-        with open(os.path.join(out, "graph.dot"), "w") as f:
-            f.write(result.graph.to_dot() + "\n")
+    if is_writer():   # (one process of a multi-host run writes the run's files)
+        os.makedirs(out, exist_ok=True)
+        np.savez(os.path.join(out, "scores.npz"), count=result.count, **arrays)
+        if result.graph is not None:
+            np.savez(os.path.join(out, "channel_scores.npz"),
+                     **{f"out/{k}": np.asarray(v.outputs) for k, v in channels.items()},
+                     **{f"in/{k}": np.asarray(v.inputs) for k, v in channels.items()})
+            with open(os.path.join(out, "graph.txt"), "w") as f:
+                f.write(result.graph.summary() + "\n")
+            with open(os.path.join(out, "graph.dot"), "w") as f:
+                f.write(result.graph.to_dot() + "\n")
     report = ScoreReport(
         mode="score", method=p.importance, dense_checkpoint=os.path.abspath(begin.source),
         dataset=config.data.name, batches=int(result.count), batch_size=p.score_batch_size, bn_mode=p.bn_mode,
