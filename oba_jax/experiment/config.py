@@ -27,6 +27,14 @@ SCORE_DTYPES = ("float32", "float64")
 OPEN_SECTIONS = ("model.spec", "data.synthetic")
 
 
+# `train.compute_dtype`: what layers compute in while training (parameters, optimizer state, scores: float32)
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A config file, override or value is invalid; the message names the key."""
+
+
 def initialize_distributed(config: ml_collections.ConfigDict) -> None:
     """`jax.distributed.initialize` from `train.coordinator_address` / `num_processes` / `process_id` (None:
     the cluster's), with gloo collectives for CPU devices; a coordinator that cannot be reached is a
@@ -67,14 +75,6 @@ def _reachable(address: str, timeout: float) -> bool:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.2)
-
-
-# `train.compute_dtype`: what layers compute in while training (parameters, optimizer state, scores: float32)
-COMPUTE_DTYPES = ("float32", "bfloat16")
-
-
-class ConfigError(ValueError):
-    """A config file, override or value is invalid; the message names the key."""
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:

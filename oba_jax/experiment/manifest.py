@@ -25,9 +25,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from oba_jax.experiment.hosts import decided_once
-
 from oba_jax.experiment.config import ConfigError
+from oba_jax.experiment.hosts import decided_once
 
 __all__ = ["MANIFEST_FILE", "STAGE_KEYS", "Manifest", "claim_stage", "config_inputs", "model_digest"]
 

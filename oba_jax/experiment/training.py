@@ -100,10 +100,10 @@ def apply_model(parts: ModelParts, params: Any, batch_stats: Any, images: jax.Ar
     """Logits and the (possibly updated) batch stats; BN uses batch statistics iff ``train``."""
     model = merge_model(parts, params, batch_stats)
     model.train() if train else model.eval()
-    if parts.compute_dtype is not None:
-        _compute_in(model, parts.compute_dtype)
-        images = images.astype(parts.compute_dtype)
-    logits = model(images).astype(jnp.float32)   # the loss and the metrics in float32
+    if parts.compute_dtype is None:
+        return model(images), nnx.state(model, nnx.BatchStat)
+    _compute_in(model, parts.compute_dtype)
+    logits = model(images.astype(parts.compute_dtype)).astype(jnp.float32)   # the loss and metrics in float32
     return logits, nnx.state(model, nnx.BatchStat)
 
 
