@@ -115,6 +115,15 @@ def test_a_stage_is_reused_only_with_the_same_inputs(tmp_path, capsys):
     assert stored["inputs"]["prune.importance"] == "random"
 
 
+def test_a_manifest_older_than_an_input_matches_that_inputs_old_value(tmp_path):
+    """`train.compute_dtype` became an input later: a stage written before it was float32, and stays reusable."""
+    stage = str(tmp_path / "ops_0.5")
+    assert manifest.claim_stage(stage, _manifest(), overwrite=False) is False      # (no compute_dtype key)
+    assert manifest.claim_stage(stage, _manifest(**{"train.compute_dtype": "float32"}), overwrite=False) is True
+    with pytest.raises(config_lib.ConfigError, match=r'train.compute_dtype \("float32" → "bfloat16"\)'):
+        manifest.claim_stage(stage, _manifest(**{"train.compute_dtype": "bfloat16"}), overwrite=False)
+
+
 def test_a_stage_without_a_manifest_is_not_reused(tmp_path):
     (tmp_path / "ops_0.5" / "checkpoints").mkdir(parents=True)     # what the landed main left
     with pytest.raises(config_lib.ConfigError, match="no manifest.json"):

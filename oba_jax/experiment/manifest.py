@@ -118,13 +118,18 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+# Inputs added after manifests were first written, with the value every run before them used: a manifest
+# without the key matches a run at that value (an older workdir stays reusable).
+ADDED_INPUTS: dict[str, Any] = {"train.compute_dtype": "float32"}
+
+
 def _differences(stored: Manifest, now: Manifest) -> list[str]:
     if stored.stage != now.stage:
         return [f"stage kind ({stored.stage} → {now.stage})"]
     keys = sorted(set(stored.inputs) | set(now.inputs))
     out = []
     for key in keys:
-        before, after = stored.inputs.get(key, "<absent>"), now.inputs.get(key, "<absent>")
+        before, after = (m.inputs.get(key, ADDED_INPUTS.get(key, "<absent>")) for m in (stored, now))
         if before == after:
             continue
         if key in now.about or key in stored.about:   # a digest: say where each model came from
