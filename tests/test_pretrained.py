@@ -2,7 +2,6 @@
 committed fixtures (tests/fixtures/pretrained, written by make_pretrained_fixtures.py with the libraries' own
 classes) import into workdirs whose restored models compute the torch logits, and every bad input is one
 message with a documented status."""
-import io
 import json
 import os
 import pickle

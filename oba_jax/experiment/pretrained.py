@@ -32,10 +32,20 @@ import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from models import build_model, spec_to_dict
+from models.specs import ResNet50Spec, ViTSpec
+from oba_jax import nnx_model
+from oba_jax.experiment import checkpoint as ckpt_lib
 from oba_jax.experiment.checkpoint import CheckpointMismatchError
+from oba_jax.experiment.cli import run_cli
 from oba_jax.experiment.config import ConfigError
+from oba_jax.experiment.lock import workdir_lock
+from oba_jax.experiment.training import TrainState
+from oba_jax.paths import flat_by_path, unflatten_by_path
 
 __all__ = ["FAMILIES", "WeightsFileError", "WeightsMismatchError", "convert", "import_weights", "main",
            "read_state_dict"]
@@ -205,10 +215,7 @@ def _conv(w: np.ndarray) -> np.ndarray:
     return np.transpose(w, (2, 3, 1, 0))        # (O, I, kh, kw) → (kh, kw, I, O)
 
 
-
-
 def _resnet50(sd: Mapping[str, np.ndarray], path: str, image_size: int | None, num_heads: int | None):
-    from models.specs import ResNet50Spec
     stem = _need(sd, "conv1.weight", "resnet50", path)
     fc = _need(sd, "fc.weight", "resnet50", path)
     stages = sorted({int(m.group(1)) for k in sd if (m := re.match(r"layer(\d+)\.", k))})
@@ -275,7 +282,6 @@ def _torchvision_vit_names(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
 
 
 def _vit(sd: Mapping[str, np.ndarray], path: str, image_size: int | None, num_heads: int | None):
-    from models.specs import ViTSpec
     sd = _torchvision_vit_names(sd)
     need = lambda key: _need(sd, key, "vit", path)  # noqa: E731
     patch = need("conv_proj.weight")
@@ -331,12 +337,6 @@ def convert(state_dict: Mapping[str, np.ndarray], family: str, *, path: str = "<
             image_size: int | None = None, num_heads: int | None = None):
     """`(model, spec)`: the zoo model (eval mode, float32) holding `state_dict`'s weights. Raises
     `WeightsMismatchError` naming the keys that are missing, extra or of another shape."""
-    from flax import nnx
-
-    from models import build_model
-    from oba_jax import nnx_model
-    from oba_jax.paths import flat_by_path, unflatten_by_path
-    import jax.numpy as jnp
     if family not in FAMILIES:
         raise ConfigError(f"--family {family!r}: choose one of {', '.join(FAMILIES)}")
     spec, params, stats, used, names = FAMILIES[family](state_dict, path, image_size, num_heads)
@@ -379,13 +379,6 @@ def import_weights(family: str, weights: str, workdir: str, *, image_size: int |
     """Reads `weights`, converts them to the zoo's `family` and writes `workdir` as a `train.py` run would
     (its checkpoint at step 0, no optimizer state) plus `pretrained.json` (the source file, its SHA-256,
     the spec). Refuses a workdir that already holds checkpoints. Returns the model (eval mode)."""
-    import jax.numpy as jnp
-
-    from models import spec_to_dict
-    from oba_jax import nnx_model
-    from oba_jax.experiment import checkpoint as ckpt_lib
-    from oba_jax.experiment.lock import workdir_lock
-    from oba_jax.experiment.training import TrainState
     if not workdir:
         raise ConfigError("--workdir is empty: name the directory to write the model into")
     model, spec = convert(read_state_dict(weights), family, path=weights, image_size=image_size,
@@ -411,7 +404,6 @@ def import_weights(family: str, weights: str, workdir: str, *, image_size: int |
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from oba_jax.experiment.cli import run_cli
     parser = argparse.ArgumentParser(prog="python -m oba_jax.experiment.pretrained",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--family", required=True, choices=sorted(FAMILIES))
