@@ -79,7 +79,7 @@ def test_an_unreachable_coordinator_is_one_message_and_status_2(tmp_path):
     out = subprocess.run(_prune(tmp_path / "w", "--config.train.distributed=true",
                                 f"--config.train.coordinator_address=localhost:{port}",
                                 "--config.train.num_processes=2", "--config.train.process_id=1",
-                                "--config.train.initialization_timeout_s=3"),
+                                "--config.train.initialization_timeout_s=1"),
                          env=_env(), capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
     assert out.returncode == 2, out.stderr[-2000:]
     assert f"could not join the run at localhost:{port}" in out.stderr and "Traceback" not in out.stderr
