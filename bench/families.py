@@ -212,7 +212,7 @@ def _export_round_trip(small_apply, small, x_spec_shape, dtype, x5, expected) ->
             f.write(exported.serialize())
         np.savez(os.path.join(tmp, "inputs.npz"), n=len(leaves), x=np.asarray(x5),
                  **{f"p{i}": np.asarray(a) for i, a in enumerate(leaves)})
-        from test_shrink_program import EXPORTED_RUN
+        from nets import EXPORTED_RUN
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         subprocess.run([sys.executable, "-c", EXPORTED_RUN, "inputs.npz", "model.stablehlo", "out.npy"],
                        check=True, cwd=tmp, timeout=600, env=env)

@@ -191,3 +191,18 @@ class LinenNet(nn.Module):
         norm = nn.LayerNorm(use_fast_variance=False)        # centres, then squares
         t = t + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)(norm(t))
         return nn.Dense(3)(nn.gelu(nn.Dense(5)(t.mean(1))))
+
+
+# A fresh process that runs a serialised `jax.export` on saved leaves and inputs, importing neither oba_jax
+# nor the model code: argv = inputs.npz (n, p0.., x), model.stablehlo, out.npy
+EXPORTED_RUN = """
+import sys, numpy as np, jax
+jax.config.update("jax_enable_x64", True)
+from jax import export
+data = np.load(sys.argv[1], allow_pickle=False)
+exported = export.deserialize(bytearray(open(sys.argv[2], "rb").read()))
+leaves = [data[f"p{i}"] for i in range(int(data["n"]))]
+args, kwargs = jax.tree_util.tree_unflatten(exported.in_tree, leaves + [data["x"]])
+out = exported.call(*args, **kwargs)
+np.save(sys.argv[3], np.asarray(out))
+"""

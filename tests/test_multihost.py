@@ -117,3 +117,12 @@ def test_scores_of_two_processes_equal_one_process_on_the_same_global_batches(tm
     assert set(got) == set(expected)
     for path, value in expected.items():
         np.testing.assert_allclose(got[path], value, rtol=1e-5, atol=1e-7, err_msg=path)
+
+
+def test_a_bad_initialization_timeout_is_a_config_error():
+    import pytest
+    from oba_jax.experiment import config as config_lib
+    config = config_lib.default_sections()
+    config.train.update(distributed=True, initialization_timeout_s=0)
+    with pytest.raises(config_lib.ConfigError, match="train.initialization_timeout_s: must be a positive int"):
+        config_lib.initialize_distributed(config)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import oba_jax
-from nets import LinenNet, causal_lm_apply, causal_lm_params, width_scaled_attention, width_scaled_attention_params
+from nets import (EXPORTED_RUN, LinenNet, causal_lm_apply, causal_lm_params, width_scaled_attention,
+                  width_scaled_attention_params)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,19 +103,6 @@ def test_width_derived_constants_stay_what_the_dense_model_computed(x64_module):
     masked = width_scaled_attention(oba_jax.mask_params(p, groups, kept), x)
     assert _rel(small_apply(small, x), masked) < 1e-12
     assert _rel(width_scaled_attention(small, x), masked) > 1e-3   # the scale 1/sqrt(2) instead of 1/sqrt(4)
-
-
-EXPORTED_RUN = """
-import sys, numpy as np, jax
-jax.config.update("jax_enable_x64", True)
-from jax import export
-data = np.load(sys.argv[1], allow_pickle=False)
-exported = export.deserialize(bytearray(open(sys.argv[2], "rb").read()))
-leaves = [data[f"p{i}"] for i in range(int(data["n"]))]
-args, kwargs = jax.tree_util.tree_unflatten(exported.in_tree, leaves + [data["x"]])
-out = exported.call(*args, **kwargs)
-np.save(sys.argv[3], np.asarray(out))
-"""
 
 
 def test_exported_program_runs_in_a_fresh_process_without_the_model_code(linen, tmp_path):

@@ -43,7 +43,9 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
     train = config.train
     kwargs = {k: train.get(k) for k in ("coordinator_address", "num_processes", "process_id")
               if train.get(k) is not None}
-    timeout = int(train.get("initialization_timeout_s", 300))
+    timeout = train.get("initialization_timeout_s", 300)   # (checked here: this runs before validate_config)
+    _check(_is_int(timeout) and timeout > 0, "train.initialization_timeout_s",
+           f"must be a positive int (seconds), got {timeout!r}")
     where = kwargs.get("coordinator_address", "the cluster's coordinator")
     advice = ("start every process with the same coordinator_address and num_processes and its own process_id "
               "(process 0 runs the coordinator), or run on a cluster JAX detects")

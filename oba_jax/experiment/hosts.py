@@ -8,14 +8,13 @@ With one process all of this is the plain single-process behaviour.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
 
 import jax
 import numpy as np
 
-__all__ = ["decided_once", "is_writer"]
+from oba_jax.experiment.config import ConfigError
 
-T = TypeVar("T")
+__all__ = ["decided_once", "is_writer"]
 
 
 def is_writer() -> bool:
@@ -25,7 +24,7 @@ def is_writer() -> bool:
 
 def decided_once(decide: Callable[[], int], refused: str) -> int:
     """`decide()` (a non-negative int) run by process 0 and broadcast to every process. An exception in
-    process 0 is raised there and, as a `RuntimeError` naming `refused`, in the others."""
+    process 0 is raised there and, as a `ConfigError` naming `refused` (one line, status 2), in the others."""
     if jax.process_count() == 1:
         return decide()
     from jax.experimental import multihost_utils
@@ -39,5 +38,5 @@ def decided_once(decide: Callable[[], int], refused: str) -> int:
     if failure is not None:
         raise failure
     if value < 0:
-        raise RuntimeError(f"process 0 refused {refused}; its message says why")
+        raise ConfigError(f"process 0 refused {refused}; its message says why")
     return value

@@ -37,9 +37,9 @@ def _holder(path: str) -> str:
         return "a process that has not written its details yet"
 
 
-def _process_index() -> int:
-    import jax   # (deferred: this module is imported by config checks that must not start a backend)
-    return jax.process_index()
+def _is_writer() -> bool:
+    from oba_jax.experiment.hosts import is_writer   # (deferred: imported by config checks, before any backend)
+    return is_writer()
 
 
 @contextlib.contextmanager
@@ -50,7 +50,7 @@ def workdir_lock(workdir: str) -> Iterator[str]:
         raise NotADirectoryError(errno.ENOTDIR, "--workdir names an existing file, not a directory", workdir)
     os.makedirs(workdir, exist_ok=True)
     path = os.path.realpath(os.path.join(workdir, LOCK_FILE))
-    if _process_index() != 0:   # one run of several processes: process 0 holds the lock for all of them
+    if not _is_writer():   # one run of several processes: process 0 holds the lock for all of them
         yield path
         return
     if path in _HELD:
@@ -91,7 +91,7 @@ def reading_lock(workdir: str, what: str = "the workdir") -> Iterator[None]:
     would be read at whichever step is newest), and a run that starts on it meanwhile is refused in turn.
     Writes nothing: a read-only workdir, or one without a lock file (never run by train.py), reads unlocked."""
     path = os.path.realpath(os.path.join(workdir, LOCK_FILE))
-    if _process_index() != 0:   # one run of several processes: process 0 holds the locks for all of them
+    if not _is_writer():   # one run of several processes: process 0 holds the locks for all of them
         yield
         return
     if path in _HELD or not os.path.isfile(path):   # held by this process (re-entrant), or no run ever held it

@@ -96,7 +96,8 @@ def _check_batch(batch: Any, i: int) -> None:
 
 
 def _targets(labels: Any, weights: Any, num_classes: int, where: str, stacked: bool = False) -> tuple:
-    """The loss's arguments after the logits, checked: `(labels,)` or `(labels, weights)`. Labels are
+    """The loss's arguments after the logits (a batch's *targets*, which methods pass through to the loss
+    unopened), checked: `(labels,)` or `(labels, weights)`. Labels are
     integer classes in `[0, classes)` wherever their weight is positive; weights are finite, ≥ 0, of the
     labels' shape, with a positive sum in every batch."""
     arr = np.asarray(labels)
@@ -157,9 +158,6 @@ class _Programs:
     first: Callable              # (flat, x, y) -> sums of one batch
     add: Callable                # (acc, flat, x, y) -> acc + sums of one batch (acc donated)
 
-
-# The targets of a batch (the loss's arguments after the logits) are a tuple: `(labels,)` or
-# `(labels, weights)`; methods pass them through to the loss unopened.
 
 
 def _cast_inputs(batch_fn: Callable, cast: Callable) -> Callable:
