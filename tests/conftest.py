@@ -27,3 +27,23 @@ def x64():
     jax.config.update("jax_enable_x64", True)
     yield
     jax.config.update("jax_enable_x64", old)
+
+
+@pytest.fixture(scope="session")
+def fake_imagenet(tmp_path_factory) -> str:
+    """A data_dir holding a tiny `imagenet2012` in TFDS' real prepared format (JPEGs of varying sizes, 10 classes,
+    as the committed pretrained fixtures have; `fake_tfds.imagenet_like`)."""
+    import fake_tfds
+    root = tmp_path_factory.mktemp("fake_imagenet")
+    fake_tfds.imagenet_like(str(root))
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def streamed_fashion(tmp_path_factory):
+    """`(data_dir, arrays)`: a prepared TFDS `fashion_mnist` of 64 + 10 PNGs of 8x8x1, and its arrays in file
+    order as TFDS' own reader gives them (`fake_tfds.fixed_size`)."""
+    import fake_tfds
+    root = tmp_path_factory.mktemp("streamed_fashion")
+    _, arrays = fake_tfds.fixed_size(str(root), num_train=64, num_test=10)
+    return str(root), arrays

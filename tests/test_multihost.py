@@ -1,5 +1,6 @@
 """Multi-host, run: two `prune.py` processes on this machine joined by `jax.distributed` (a localhost
-coordinator, one CPU device each, gloo collectives) train, score, prune and fine-tune what one process does,
+coordinator, one CPU device each, gloo collectives) stream their shards of a dataset from disk and train, score,
+prune and fine-tune what one process does,
 write each checkpoint, log, plot and the report once, and their checkpoints restore in a single process."""
 import json
 import os
@@ -45,15 +46,19 @@ def _without(report, keys=("latency_dense_ms", "latency_pruned_ms", "checkpoint"
     return [_without(v) for v in report] if isinstance(report, list) else report
 
 
-def test_two_processes_prune_what_one_does_and_write_once(tmp_path):
+def test_two_processes_prune_what_one_does_and_write_once(tmp_path, streamed_fashion):
+    """On a streamed dataset (a prepared TFDS one read from disk): each process reads its half of every global
+    batch, and saves its own input iterator state with the checkpoint."""
     port = _free_port()
-    joined = ["--config.train.distributed=true", f"--config.train.coordinator_address=localhost:{port}",
+    stream = ["--config.data.name=fashion_mnist", "--config.data.stream=true",
+              f"--config.data.data_dir={streamed_fashion[0]}"]
+    joined = [*stream, "--config.train.distributed=true", f"--config.train.coordinator_address=localhost:{port}",
               "--config.train.num_processes=2"]
     procs = [subprocess.Popen(_prune(tmp_path / "two", *joined, f"--config.train.process_id={i}"), env=_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
              for i in range(2)]
-    single = subprocess.run(_prune(tmp_path / "one"), env=_env(), capture_output=True, text=True, timeout=300,
-                            cwd=str(tmp_path))
+    single = subprocess.run(_prune(tmp_path / "one", *stream), env=_env(), capture_output=True, text=True,
+                            timeout=300, cwd=str(tmp_path))
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outs]
     assert single.returncode == 0, single.stderr[-2000:]
@@ -66,6 +71,9 @@ def test_two_processes_prune_what_one_does_and_write_once(tmp_path):
         for ra, rb in zip(a, b):
             assert ra.keys() == rb.keys() and all(np.isclose(ra[k], rb[k], rtol=1e-5) for k in ra if k != "kind")
         assert len(os.listdir(tmp_path / "two" / stage / "checkpoints")) == 1
+        (step,) = os.listdir(tmp_path / "two" / stage / "checkpoints")
+        saved = os.listdir(tmp_path / "two" / stage / "checkpoints" / step / "input")
+        assert sorted(f for f in saved if f.startswith("process_")) == ["process_0-of-2.json", "process_1-of-2.json"]
     assert not list((tmp_path / "two").rglob("*.tmp"))
     for stage in ("dense", "ops_0.5"):                                          # restored in this one process
         restored, _ = restore_model(str(tmp_path / "two" / stage))

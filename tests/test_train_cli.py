@@ -75,10 +75,28 @@ def _final_params(workdir) -> dict:
     return extra["step"], [np.asarray(x) for x in jax.tree.leaves(state)]
 
 
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
-    args = TINY + ["--config.train.epochs=12", "--config.train.checkpoint_every_steps=7",
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, streamed_fashion):
+    """On the streaming input (a prepared TFDS dataset read by a Grain worker process): the resumed run restores
+    the input iterator's state from the checkpoint and ends with the uninterrupted run's weights."""
+    data_dir, _ = streamed_fashion          # 64 training images: 4 steps per epoch
+    args = TINY + ["--config.data.name=fashion_mnist", "--config.data.stream=true", f"--config.data.data_dir={data_dir}",
+                   "--config.data.num_workers=1", "--config.train.epochs=48", "--config.train.checkpoint_every_steps=7",
                    "--config.train.log_every_steps=7"]
-    total = 12 * 16
+    total = 48 * 4
     reference = _train(args + ["--workdir", str(tmp_path / "ref")], tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
@@ -91,7 +109,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     while time.time() < deadline and proc.poll() is None:
         steps = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if ckpts.is_dir() else []
         steps = [s for s in steps if s < total]  # isdigit: only finished (renamed) step dirs are plain integers
-        if steps and max(steps) >= 21:  # resume point 21+ = mid-epoch (16 steps per epoch)
+        if steps and max(steps) >= 21:  # resume point 21+ = mid-epoch (4 steps per epoch)
+            workers = _children(proc.pid)
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             killed_at = max(steps)
@@ -100,9 +119,15 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     if killed_at is None:
         proc.kill()
         pytest.fail("the run finished (or hung) before it could be killed mid-run")
+    assert workers, "the streamed run has a Grain worker process"
+    gone = time.time() + 10                 # the workers notice their parent is gone (they poll each second)
+    while time.time() < gone and any(os.path.exists(f"/proc/{pid}") for pid in workers):
+        time.sleep(0.1)
+    assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")], "Grain workers outlived the killed run"
     resumed = _train(args + ["--workdir", str(workdir)], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
+    assert (ckpts / str(total) / "input" / "process_0-of-1.json").is_file()
     ref_step, ref_params = _final_params(tmp_path / "ref")
     step, params = _final_params(workdir)
     assert ref_step == step == total

@@ -8,7 +8,9 @@ temporary directory and renamed when complete, so a killed run never leaves a ha
 - ``train``: optimizer state and step, flat the same way (leaf names from the pytree paths);
 - ``meta`` (JSON): ``spec`` (``models.spec_to_dict``), ``config``, ``data_position``
   (epoch, step_in_epoch), ``step``, anything extra (e.g. accumulated wall time) and ``checksums``
-  (``{"model": {name: {"crc32", "dtype", "shape"}}, "train": {...}}``, one per array, taken at save time).
+  (``{"model": {name: {"crc32", "dtype", "shape"}}, "train": {...}}``, one per array, taken at save time);
+- ``input`` (streamed training data only): Grain's orbax handler's files, one JSON per process
+  (``process_<i>-of-<n>.json``), the state of that process's input iterator (`oba_jax.experiment.streaming`).
 
 Arrays are stored flat and restored by unflattening into a template pytree, which keeps the
 files readable and independent of how NNX/optax register their pytrees.
@@ -47,6 +49,7 @@ MAX_TO_KEEP = 2
 META_FILE = "metadata"  # orbax JsonSave's file name inside <step>/meta/
 CHECKSUMS_KEY = "checksums"
 CORRUPT_SUFFIX = ".corrupt"
+ITEMS = ("model", "train", "meta", "input")
 
 
 class CheckpointMismatchError(ValueError):
@@ -73,7 +76,7 @@ def make_manager(workdir: str, *, max_to_keep: int = MAX_TO_KEEP) -> ocp.Checkpo
     """A CheckpointManager for ``workdir/checkpoints`` keeping the newest ``max_to_keep`` steps."""
     # cleanup_tmp_directories: a killed run may leave an unfinished tmp step dir; drop it on restart.
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=("model", "train", "meta"))
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
 def flatten_named(tree: Any, prefix: str) -> dict[str, Any]:
@@ -405,9 +408,21 @@ def os_errors_naming(workdir: str):
         raise os_error from err
 
 
+class _FrozenState:
+    """An input iterator's state taken now: orbax may run Grain's handler after the iterator has moved on."""
+
+    def __init__(self, iterator):
+        self._state = iterator.get_state()
+
+    def get_state(self) -> bytes:
+        return self._state
+
+
 def save_state(manager: ocp.CheckpointManager, step: int, state, *, spec=None, config=None,
-               data_position: Mapping[str, int] | None = None, extra: Mapping[str, Any] | None = None) -> None:
-    """Saves a :class:`oba_jax.train_lib.TrainState` (asynchronously; atomic on completion).
+               data_position: Mapping[str, int] | None = None, extra: Mapping[str, Any] | None = None,
+               input_iterator: Any = None) -> None:
+    """Saves a :class:`oba_jax.train_lib.TrainState` (asynchronously; atomic on completion), and with
+    `input_iterator` (a Grain-checkpointable iterator) its state as the ``input`` item.
 
     The meta JSON gets a checksum of every array (computed here from host copies, before orbax's
     asynchronous write), which restores verify.
@@ -421,8 +436,24 @@ def save_state(manager: ocp.CheckpointManager, step: int, state, *, spec=None, c
             "config": json.loads(config.to_json_best_effort()) if config is not None else None,
             "data_position": dict(data_position or {}), **dict(extra or {}),
             CHECKSUMS_KEY: {"model": _checksums(model), "train": _checksums(train)}}
-    manager.save(int(step), args=ocp.args.Composite(
-        model=ocp.args.StandardSave(model), train=ocp.args.StandardSave(train), meta=ocp.args.JsonSave(meta)))
+    items = dict(model=ocp.args.StandardSave(model), train=ocp.args.StandardSave(train), meta=ocp.args.JsonSave(meta))
+    if input_iterator is not None:
+        import grain
+        items["input"] = grain.checkpoint.CheckpointSave(_FrozenState(input_iterator))
+    manager.save(int(step), args=ocp.args.Composite(**items))
+
+
+def restore_input(manager: ocp.CheckpointManager, step: int, iterator: Any) -> bool:
+    """Sets `iterator` (Grain-checkpointable) to the input state saved with `step`; False when that step has none
+    for this process layout (in-memory data then, or another process count), leaving `iterator` as it was."""
+    import grain
+    folder = os.path.join(_step_dir(manager, step), "input")
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if not os.path.isfile(os.path.join(folder, name)):
+        return False
+    _read(_where(manager, step), f"its input iterator state in {folder}",
+          lambda: manager.restore(step, args=ocp.args.Composite(input=grain.checkpoint.CheckpointRestore(iterator))))
+    return True
 
 
 def restore_state(manager: ocp.CheckpointManager, template, step: int | None = None, *, spec=None,
@@ -484,7 +515,7 @@ def _open_read_only(path: str, step: int | None):
     """Yields ``(manager, directory, step)``: the step given, or the one ``path`` names (a step dir), or None."""
     directory, found_step = _resolve(path)
     step = found_step if step is None else step
-    with ocp.CheckpointManager(directory, item_names=("model", "train", "meta"),
+    with ocp.CheckpointManager(directory, item_names=ITEMS,
                                options=ocp.CheckpointManagerOptions(read_only=True, create=False)) as manager:
         if not manager.all_steps():
             raise FileNotFoundError(f"no checkpoint in {directory}")

@@ -315,6 +315,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
     _check(isinstance(_get(config, "data.download"), bool), "data.download", "must be true/false")
     data_dir = _get(config, "data.data_dir")
     _check(data_dir is None or isinstance(data_dir, str), "data.data_dir", "must be a path or None")
+    _validate_streaming(config, name)
 
     lr = _get(config, "optim.lr")
     _check(_is_number(lr) and lr > 0, "optim.lr", f"must be a positive number, got {lr!r}")
@@ -359,6 +360,21 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
         _validate_prune(config)
     if "finetune" in config:
         _validate_finetune(config)
+
+
+def _validate_streaming(config: ml_collections.ConfigDict, name: str) -> None:
+    """`data.stream` / `host_transform` / `num_workers`: how a prepared TFDS dataset is read from disk."""
+    from oba_jax.experiment.streaming import HOST_TRANSFORMS
+    stream, transform, workers = (_get(config, f"data.{k}") for k in ("stream", "host_transform", "num_workers"))
+    _check(isinstance(stream, bool), "data.stream", "must be true/false")
+    _check(transform in HOST_TRANSFORMS, "data.host_transform",
+           f"unknown transform {transform!r}; expected one of {HOST_TRANSFORMS}")
+    _check(_is_int(workers) and workers >= 0, "data.num_workers", f"must be an int >= 0, got {workers!r}")
+    _check(not stream or name not in ("synthetic",), "data.stream", "synthetic data is made in memory; set it false")
+    _check(stream or name != "imagenet2012", "data.stream", "imagenet2012 does not fit in memory: it must be streamed "
+           "(true, as configs/imagenet_*.py set it)")
+    _check(stream or transform == "none", "data.host_transform",
+           f"{transform!r} runs on the images a stream reads; set data.stream=true, or host_transform='none'")
 
 
 def _validate_synthetic(config: ml_collections.ConfigDict) -> None:
@@ -490,6 +506,11 @@ def default_sections() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict({
         "name": "synthetic", "data_dir": ml_collections.FieldReference(None, field_type=str),
         "download": False, "augment": False,
+        # stream: read a prepared TFDS dataset (array_record) from disk batch by batch with Grain instead of
+        # holding it in memory; host_transform: what the stream's worker processes do to each image ("none": decode
+        # only; "imagenet": RandomResizedCrop + flip for training, resize + centre crop for evaluation, to the
+        # model's input size); num_workers: Grain worker processes (0: read in the training process)
+        "stream": False, "host_transform": "none", "num_workers": 0,
         "synthetic": ml_collections.ConfigDict({"num_train": 512, "num_test": 256,
                                                 "image_shape": (32, 32, 3), "num_classes": 10, "seed": 0}),
     })
@@ -610,10 +631,11 @@ def cifar_wide_resnet32(dataset: str) -> ml_collections.ConfigDict:
 
 def imagenet_finetune_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The paper's ImageNet fine-tuning (OBA_SPEC.md §8): 100 epochs, lr 0.001, wd 1e-4,
-    lr x0.1 at epochs 30/60/80, computed in bfloat16. Augmentation (RandomResizedCrop etc.) happens in the
-    ImageNet loader."""
+    lr x0.1 at epochs 30/60/80, computed in bfloat16. The dataset is streamed from its prepared TFDS directory by
+    8 Grain workers, which do the augmentation (RandomResizedCrop + flip) on the host."""
     config.data.name = "imagenet2012"
-    config.data.augment = False  # the streaming loader crops/flips off the accelerator
+    config.data.augment = False  # (the device's pad-4 crop) the stream's workers crop and flip instead
+    config.data.update(stream=True, host_transform="imagenet", num_workers=8)
     config.data.synthetic.image_shape = (224, 224, 3)
     config.data.synthetic.num_classes = 1000
     config.optim.update(lr=0.001, momentum=0.9, weight_decay=1e-4, schedule="multistep",

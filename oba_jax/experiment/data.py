@@ -13,7 +13,8 @@ Directories are searched in the order ``data_dir``, ``$OBA_JAX_DATA``, ``$TFDS_D
 
 Nothing is downloaded unless ``download=True`` is passed; a missing dataset raises
 :class:`DatasetNotFoundError` listing every place searched and how to provide the data.
-ImageNet is streamed from disk by :func:`oba_jax.experiment.imagenet.imagenet_loader` instead.
+ImageNet (and any prepared TFDS dataset, with ``config.data.stream``) is streamed from disk by
+:mod:`oba_jax.experiment.streaming` instead.
 """
 
 from __future__ import annotations
@@ -77,6 +78,22 @@ class ArrayDataset:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     source: str
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_labels)
+
+    @property
+    def num_test(self) -> int:
+        return len(self.test_labels)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_images.shape[1:])
+
+    @property
+    def streams(self) -> bool:
+        return False
 
 
 class DatasetNotFoundError(Exception):
@@ -504,22 +521,28 @@ def _find_local(name: str, data_dir: str | None, searched: list[str]):
     return None, None
 
 
+def not_prepared_message(name: str, dirs: Sequence[str]) -> str:
+    """What to do when no directory holds a prepared TFDS `name` (the only form a streamed dataset takes)."""
+    how = ("download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from https://image-net.org into "
+           "MANUAL, then run `python -m oba_jax.experiment.imagenet prepare --manual-dir MANUAL --data-dir DIR` "
+           "(no TensorFlow needed; or, with TensorFlow, `tfds build imagenet2012 --manual_dir=MANUAL --data_dir=DIR "
+           "--file_format=array_record`) and pass data_dir=DIR" if name == "imagenet2012" else
+           f"run `tfds build {name} --data_dir=DIR --file_format=array_record` and pass data_dir=DIR")
+    return (f"dataset {name!r} not found as a prepared TFDS dataset (no download was attempted).\nSearched:\n"
+            + "\n".join(f"  - {d}/{name}/<version>/" for d in dirs) + f"\nTo provide it: {how} "
+            "(CLI: --config.data.data_dir=DIR).")
+
+
 def _imagenet_not_in_memory(data_dir: str | None):
     dirs = tfds_search_dirs(data_dir)
     found = [d for d in dirs if has_prepared_tfds("imagenet2012", d)]
     if not found:
-        raise DatasetNotFoundError(
-            "dataset 'imagenet2012' not found (no download was attempted; ImageNet cannot be downloaded "
-            "automatically).\nSearched:\n" + "\n".join(f"  - prepared TFDS dataset in {d}/imagenet2012/<version>/"
-                                                        for d in dirs)
-            + "\nTo provide it: download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from "
-            "https://image-net.org into DIR/downloads/manual/, then run (on a machine with TensorFlow) "
-            "`tfds build imagenet2012 --data_dir=DIR --file_format=array_record` and pass data_dir=DIR.")
+        raise DatasetNotFoundError(not_prepared_message("imagenet2012", dirs))
     from oba_jax.experiment.config import ConfigError   # (config imports this module lazily: no cycle)
     raise ConfigError(
-        f"config.data.name: imagenet2012 (found in {found[0]}) does not fit in memory, and train.py / prune.py "
-        "cannot stream a dataset yet; from your own code, stream it with oba_jax.experiment.imagenet."
-        "imagenet_loader(split, data_dir, batch_size, train=..., seed=..., num_workers=...)")
+        f"config.data.stream: imagenet2012 (found in {found[0]}) does not fit in memory; stream it "
+        "(--config.data.stream=true, as configs/imagenet_*.py do), or from your own code with "
+        "oba_jax.experiment.streaming.open_stream")
 
 
 # ----------------------------------------------------------------------------- synthetic

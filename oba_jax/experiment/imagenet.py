@@ -1,18 +1,14 @@
-"""ImageNet input pipeline: a prepared TFDS ``imagenet2012`` read by random access, decoded and
-augmented on the host by a thread pool, yielding uint8 NHWC 224x224 batches.
-
-A thread pool (not processes) is enough because PIL's JPEG decode and resize release the GIL; it
-also keeps the loader dependency-free (no grain needed). Every example's randomness comes from
-``np.random.default_rng((seed, epoch, index))``, so batches do not depend on thread scheduling.
+"""ImageNet on the host: the torchvision transforms the streaming input's workers apply to each image
+(`oba_jax.experiment.streaming`), and `prepare`, the TFDS dataset written from the downloaded tars without
+TensorFlow (`python -m oba_jax.experiment.imagenet prepare --manual-dir M --data-dir D`).
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import io
 import math
-from collections.abc import Iterator, Sequence
+import os
+import tarfile
 from typing import Any
 
 import numpy as np
@@ -74,67 +70,100 @@ def eval_transform(image: Any, size: int = IMAGE_SIZE, resize: int = RESIZE_SIZE
     return np.asarray(pil.crop((left, top, left + size, top + size)), np.uint8)
 
 
-def _load_example(source: Sequence[dict], index: int, train: bool, seed: int, epoch: int,
-                  size: int) -> tuple[np.ndarray, int]:
-    record = source[index]
-    if train:
-        image = train_transform(record["image"], np.random.default_rng((seed, epoch, index)), size)
-    else:
-        image = eval_transform(record["image"], size)
-    return image, int(record["label"])
+# ----------------------------------------------------------------------------- prepare, from the tars
 
 
-def _batch_indices(n: int, batch_size: int, train: bool, seed: int, num_epochs: int | None):
-    """(epoch, indices) per batch: train shuffles each epoch and drops the remainder; eval is one ordered pass."""
-    epoch = 0
-    while num_epochs is None or epoch < num_epochs:
-        order = np.random.default_rng((seed, epoch)).permutation(n) if train else np.arange(n)
-        stop = (n // batch_size) * batch_size if train else n
-        for start in range(0, stop, batch_size):
-            yield epoch, order[start:start + batch_size]
-        epoch += 1
-        if not train and num_epochs is None:
-            return
+TRAIN_TAR, VAL_TAR = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"
 
 
-def imagenet_loader(split: str, data_dir: str | None, batch_size: int, *, train: bool, seed: int = 0,
-                    num_workers: int = 8, num_epochs: int | None = None, prefetch_batches: int = 2,
-                    image_size: int = IMAGE_SIZE, source: Sequence[dict] | None = None,
-                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yields ``(images uint8 (B, 224, 224, 3), labels int32 (B,))`` from ``imagenet2012`` ``split``.
+def _as_rgb_jpeg(data: bytes) -> bytes:
+    """JPEG bytes of an RGB image: ImageNet's few CMYK JPEGs and its one PNG are converted (as TFDS' builder
+    does with TensorFlow), every other file is kept byte for byte."""
+    with Image.open(io.BytesIO(data)) as image:
+        if image.format == "JPEG" and image.mode in ("RGB", "L"):
+            return data
+        out = io.BytesIO()
+        image.convert("RGB").save(out, format="JPEG", quality=95)
+        return out.getvalue()
 
-    ``train=True``: endless (or ``num_epochs``) reshuffled passes with RandomResizedCrop + flip,
-    incomplete last batch dropped. ``train=False``: one ordered pass, resize 256 / centre crop 224,
-    last batch may be smaller. ``source`` replaces the TFDS split (any random-access sequence of
-    ``{"image": bytes|array, "label": int}``), which is how tests run it on fake data.
-    """
-    if source is None:
-        from oba_jax.experiment import data  # local import: TFDS is imported only when it is used
 
-        dirs = data.tfds_search_dirs(data_dir)
-        found = [d for d in dirs if data.has_prepared_tfds("imagenet2012", d)]
-        if not found:
-            data.load_dataset("imagenet2012", data_dir)  # raises DatasetNotFoundError with instructions
-        source = data.tfds_source("imagenet2012", found[0], split)
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    batches = _batch_indices(len(source), batch_size, train, seed, num_epochs)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
-        pending: collections.deque = collections.deque()
+def _train_examples(path: str):
+    """(key, example) of the training tar: one inner tar per synset (`n01440764.tar`) of that class's JPEGs."""
+    with tarfile.open(path, "r|") as outer:
+        for member in outer:
+            if not member.isfile() or not member.name.endswith(".tar"):
+                continue
+            synset = os.path.basename(member.name)[:-4]
+            inner = io.BytesIO(outer.extractfile(member).read())
+            with tarfile.open(fileobj=inner, mode="r:") as images:
+                for image in images:
+                    if image.isfile():
+                        name = os.path.basename(image.name)
+                        data = _as_rgb_jpeg(images.extractfile(image).read())
+                        yield name, {"file_name": name, "image": data, "label": synset}
 
-        def submit_next() -> bool:
-            item = next(batches, None)
-            if item is None:
-                return False
-            epoch, indices = item
-            pending.append([pool.submit(_load_example, source, int(i), train, seed, epoch, image_size)
-                            for i in indices])
-            return True
 
-        for _ in range(1 + prefetch_batches):  # keep the workers busy on the next batches
-            if not submit_next():
-                break
-        while pending:
-            results = [f.result() for f in pending.popleft()]
-            submit_next()
-            yield np.stack([r[0] for r in results]), np.asarray([r[1] for r in results], np.int32)
+def _validation_examples(path: str, labels_file: str):
+    """(key, example) of the validation tar, labelled by TFDS' `validation_labels.txt` (one synset per image, in
+    the sorted order of the file names)."""
+    with open(labels_file) as f:
+        synsets = f.read().strip().splitlines()
+    with tarfile.open(path, "r:") as tar:
+        names = sorted(m.name for m in tar.getmembers() if m.isfile())
+        label = dict(zip(names, synsets))
+        for name in names:
+            data = _as_rgb_jpeg(tar.extractfile(name).read())
+            yield name, {"file_name": name, "image": data, "label": label[name]}
+
+
+def prepare(manual_dir: str, data_dir: str) -> str:
+    """Writes the TFDS `imagenet2012` dataset (array_record) from the two tars in `manual_dir` into
+    `data_dir/imagenet2012/<version>/`, without TensorFlow: TFDS' own builder with only the reading of the tars
+    replaced (its features, class names and validation labels unchanged). Returns that directory."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.datasets.imagenet2012 import imagenet2012_dataset_builder as official
+
+    from oba_jax.experiment.data import DatasetNotFoundError
+    tars = {split: os.path.join(manual_dir, name) for split, name in (("train", TRAIN_TAR), ("validation", VAL_TAR))}
+    missing = [p for p in tars.values() if not os.path.isfile(p)]
+    if missing:
+        raise DatasetNotFoundError(f"{', '.join(missing)}: not found; download {TRAIN_TAR} and {VAL_TAR} from "
+                                   "https://image-net.org/download-images into --manual-dir")
+    labels_file = os.fspath(tfds.core.tfds_path("datasets/imagenet2012/validation_labels.txt"))
+
+    with tfds.core.registered.skip_registration():
+        class Imagenet2012(official.Builder):
+            name = "imagenet2012"
+            __module__ = official.__name__   # TFDS finds the builder's files (class names, checksums) by module
+            url_infos = None                 # nothing is downloaded (and reading the checksums needs another package)
+
+            def _split_generators(self, dl_manager):
+                return {"train": _train_examples(tars["train"]),
+                        "validation": _validation_examples(tars["validation"], labels_file)}
+
+        builder = Imagenet2012(data_dir=data_dir, file_format="array_record")
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    return str(builder.data_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from oba_jax.experiment.cli import run_cli
+    parser = argparse.ArgumentParser(
+        prog="python -m oba_jax.experiment.imagenet",
+        description="ImageNet-1k from the downloaded tars to the prepared TFDS dataset the ImageNet configs stream.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    prep = commands.add_parser("prepare", help=f"write DATA_DIR/imagenet2012/<version>/ from {TRAIN_TAR} and {VAL_TAR}")
+    prep.add_argument("--manual-dir", required=True, help=f"the directory holding {TRAIN_TAR} and {VAL_TAR}")
+    prep.add_argument("--data-dir", required=True, help="where to write (pass it as --config.data.data_dir)")
+    args = parser.parse_args(argv)
+
+    def body(session) -> int:
+        print(f"wrote {prepare(args.manual_dir, args.data_dir)}")
+        return 0
+    return run_cli("imagenet", body, owns_process=__name__ == "__main__")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

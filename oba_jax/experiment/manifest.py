@@ -32,7 +32,7 @@ __all__ = ["MANIFEST_FILE", "STAGE_KEYS", "Manifest", "claim_stage", "config_inp
 
 MANIFEST_FILE = "manifest.json"
 
-_DATA = ("model.", "data.name", "data.augment", "data.synthetic.")
+_DATA = ("model.", "data.name", "data.augment", "data.host_transform", "data.synthetic.")
 _FINETUNE = (*_DATA, "optim.momentum", "optim.nesterov", "optim.gamma", "optim.label_smoothing", "train.batch_size",
              "train.seed", "train.compute_dtype", "finetune.")
 _SCORES = ("prune.bn_mode", "prune.score_batches", "prune.score_batch_size", "prune.seed")
@@ -120,7 +120,7 @@ def _show(value: Any) -> str:
 
 # Inputs added after manifests were first written, with the value every run before them used: a manifest
 # without the key matches a run at that value (an older workdir stays reusable).
-ADDED_INPUTS: dict[str, Any] = {"train.compute_dtype": "float32"}
+ADDED_INPUTS: dict[str, Any] = {"train.compute_dtype": "float32", "data.host_transform": "none"}
 
 
 def _differences(stored: Manifest, now: Manifest) -> list[str]:

@@ -103,7 +103,7 @@ def start(config: ml_collections.ConfigDict, workdir: str,
     os.makedirs(workdir, exist_ok=True)
     dataset = training.load_dataset_for(config)
     training.check_dataset_matches(config_lib.model_spec(config), dataset)
-    n = len(dataset.train_labels)
+    n = dataset.num_train
     if pretrained is None:
         training.check_step_count(config, n, "train")
     if finetunes and config.finetune.epochs > 0:
@@ -116,17 +116,19 @@ def start(config: ml_collections.ConfigDict, workdir: str,
 
 
 def score_batches(dataset, config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
-    """A deterministic sample of normalised training batches, stacked: `(n, B, H, W, C)`, `(n, B)`."""
+    """A deterministic sample of normalised training batches (the evaluation transform, no augmentation), stacked:
+    `(n, B, H, W, C)`, `(n, B)`; a streamed dataset reads only these examples."""
+    from oba_jax.experiment import inputs
     from oba_jax.experiment.data import preprocess_batch
     p = config.prune
     n = p.score_batches * p.score_batch_size
-    if n > len(dataset.train_labels):
+    if n > dataset.num_train:
         raise config_lib.ConfigError(f"config.prune: score_batches × score_batch_size = {n} exceeds the "
-                                     f"{len(dataset.train_labels)} training examples")
-    order = np.random.default_rng(p.seed).permutation(len(dataset.train_labels))[:n]
-    x = preprocess_batch(jnp.asarray(dataset.train_images[order]), None, augment=False, mean=dataset.mean,
-                         std=dataset.std)
-    y = jnp.asarray(dataset.train_labels[order], jnp.int32)
+                                     f"{dataset.num_train} training examples")
+    order = np.random.default_rng(p.seed).permutation(dataset.num_train)[:n]
+    images, labels = inputs.examples(dataset, "train", order)
+    x = preprocess_batch(jnp.asarray(images), None, augment=False, mean=dataset.mean, std=dataset.std)
+    y = jnp.asarray(labels, jnp.int32)
     return x.reshape(p.score_batches, p.score_batch_size, *x.shape[1:]), y.reshape(p.score_batches, -1)
 
 

@@ -39,8 +39,9 @@ from oba_jax import nnx_model
 from oba_jax.losses import cross_entropy
 from oba_jax.experiment import checkpoint as ckpt_lib
 from oba_jax.experiment import config as config_lib
+from oba_jax.experiment import inputs as inputs_lib
 from oba_jax.experiment.lock import workdir_lock
-from oba_jax.sharding import batch_sharded, data_mesh, put_replicated, replicated
+from oba_jax.sharding import data_mesh, put_replicated, replicated
 from oba_jax.unstructured import apply_masks, masked_optimizer
 
 Metrics = dict[str, float]
@@ -214,28 +215,13 @@ def make_eval_step(parts: ModelParts, *, mean, std, mesh: Mesh) -> Callable:
     return jax.jit(eval_step, out_shardings=replicated(mesh))
 
 
-def make_gather(mesh: Mesh) -> Callable:
-    """Jitted ``gather(images, labels, indices) -> (images[indices], labels[indices])``, batch-sharded.
-
-    The dataset stays on device (replicated uint8); only the index vector crosses from the host.
-    """
-    out = batch_sharded(mesh)
-    return jax.jit(lambda images, labels, idx: (images[idx], labels[idx]), out_shardings=(out, out))
-
-
 # ----------------------------------------------------------------------------- data order
 
 
-def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
-    """The order of examples in ``epoch``; a pure function of ``(seed, epoch)``."""
-    return np.random.default_rng((seed, epoch)).permutation(num_examples)
-
-
-def batch_indices(seed: int, epoch: int, step_in_epoch: int, num_examples: int,
-                  batch_size: int) -> np.ndarray:
-    """Indices of batch ``step_in_epoch`` of ``epoch`` (the incomplete last batch is dropped)."""
-    order = epoch_permutation(seed, epoch, num_examples)
-    return order[step_in_epoch * batch_size:(step_in_epoch + 1) * batch_size].astype(np.int32)
+def batch_indices(seed: int, epoch: int, step_in_epoch: int, num_examples: int, batch_size: int) -> np.ndarray:
+    """Indices of batch ``step_in_epoch`` of ``epoch`` (the incomplete last batch is dropped); the order of
+    every input, in memory or streamed (`oba_jax.experiment.inputs`)."""
+    return inputs_lib.batch_indices(seed, epoch, step_in_epoch, num_examples, batch_size)
 
 
 def step_rng(seed: int, step: int) -> jax.Array:
@@ -248,7 +234,7 @@ def step_rng(seed: int, step: int) -> jax.Array:
 
 @dataclasses.dataclass
 class Trainer:
-    """The compiled functions and device data of one training run (built by :func:`make_trainer`)."""
+    """The compiled functions and the input of one training run (built by :func:`make_trainer`)."""
 
     config: ml_collections.ConfigDict
     parts: ModelParts
@@ -257,11 +243,8 @@ class Trainer:
     tx: optax.GradientTransformation
     train_step: Callable
     eval_step: Callable
-    gather: Callable
-    train_images: jax.Array
-    train_labels: jax.Array
-    test_images: np.ndarray
-    test_labels: np.ndarray
+    inputs: inputs_lib.TrainInput     # the training batches by global step
+    dataset: Any                      # evaluated on (its test split)
     steps_per_epoch: int
     total_steps: int
     num_train: int
@@ -296,12 +279,13 @@ def total_steps_of(config: ml_collections.ConfigDict, steps_per_epoch: int) -> i
 
 def make_trainer(config: ml_collections.ConfigDict, parts: ModelParts, dataset, mesh: Mesh | None = None, *,
                  masks: Any = None) -> Trainer:
-    """Compiles the step functions and puts the training set on device. With `masks` (a bool pytree like
-    the params, True = kept) the optimizer is `masked_optimizer(tx, masks)`: pruned weights stay zero."""
+    """Compiles the step functions and opens the training input (an in-memory training set goes on device). With
+    `masks` (a bool pytree like the params, True = kept) the optimizer is `masked_optimizer(tx, masks)`: pruned
+    weights stay zero. The trainer's input may hold worker processes: `trainer.inputs.close()` when done."""
     mesh = data_mesh() if mesh is None else mesh
     compute = config.train.get("compute_dtype", "float32")     # (one of config_lib.COMPUTE_DTYPES)
     parts = dataclasses.replace(parts, compute_dtype=None if compute == "float32" else jnp.dtype(compute))
-    spe = steps_per_epoch_of(len(dataset.train_labels), config.train.batch_size)
+    spe = steps_per_epoch_of(dataset.num_train, config.train.batch_size)
     total = total_steps_of(config, spe)
     # The schedule is defined over the full epochs even when max_steps truncates the run, so a
     # truncated run follows the same lr curve as the first max_steps of the full run.
@@ -313,10 +297,10 @@ def make_trainer(config: ml_collections.ConfigDict, parts: ModelParts, dataset, 
     train_step = make_train_step(parts, tx, label_smoothing=config.optim.label_smoothing,
                                  augment=config.data.augment, **common)
     eval_step = make_eval_step(parts, **common)
-    images, labels = put_replicated((dataset.train_images, dataset.train_labels.astype(np.int32)), mesh)
-    return Trainer(config, parts, mesh, schedule, tx, train_step, eval_step, make_gather(mesh), images, labels,
-                   np.asarray(dataset.test_images), np.asarray(dataset.test_labels, np.int32), spe, total,
-                   len(dataset.train_labels))
+    train_input = inputs_lib.train_input(dataset, seed=config.train.seed, batch_size=config.train.batch_size,
+                                         steps_per_epoch=spe, num_steps=total, mesh=mesh)
+    return Trainer(config, parts, mesh, schedule, tx, train_step, eval_step, train_input, dataset, spe, total,
+                   dataset.num_train)
 
 
 def create_state(trainer: Trainer, params: Any, batch_stats: Any) -> TrainState:
@@ -333,9 +317,7 @@ def train_steps(trainer: Trainer, state: TrainState, start_step: int, stop_step:
     """
     cfg = trainer.config.train
     for step in range(start_step, stop_step):
-        epoch, in_epoch = divmod(step, trainer.steps_per_epoch)
-        idx = batch_indices(cfg.seed, epoch, in_epoch, trainer.num_train, cfg.batch_size)
-        images, labels = trainer.gather(trainer.train_images, trainer.train_labels, idx)
+        images, labels = trainer.inputs.batch(step)
         state, metrics = trainer.train_step(state, images, labels, step_rng(cfg.seed, step))
         if on_step is not None:
             on_step(step + 1, state, metrics)
@@ -344,11 +326,10 @@ def train_steps(trainer: Trainer, state: TrainState, start_step: int, stop_step:
 
 def evaluate(trainer: Trainer, params: Any, batch_stats: Any, images: np.ndarray | None = None,
              labels: np.ndarray | None = None) -> Metrics:
-    """Mean loss, top-1 and top-5 accuracy (BN in eval mode) on the test set (or the given arrays)."""
-    images = trainer.test_images if images is None else images
-    labels = trainer.test_labels if labels is None else labels
-    return _evaluate(trainer.eval_step, trainer.mesh, params, batch_stats, images, labels,
-                     trainer.config.train.eval_batch_size)
+    """Mean loss, top-1 and top-5 accuracy (BN in eval mode) on the test set (or the given host arrays)."""
+    bs = trainer.config.train.eval_batch_size
+    return _evaluate(trainer.eval_step, params, batch_stats,
+                     inputs_lib.eval_batches(trainer.dataset, bs, trainer.mesh, images, labels))
 
 
 def evaluate_model(model: nnx.Module, dataset, batch_size: int, mesh: Mesh | None = None) -> Metrics:
@@ -357,8 +338,7 @@ def evaluate_model(model: nnx.Module, dataset, batch_size: int, mesh: Mesh | Non
     parts, params, batch_stats = split_model(model)
     step = make_eval_step(parts, mean=dataset.mean, std=dataset.std, mesh=mesh)
     params, batch_stats = put_replicated(jax.device_get((params, batch_stats)), mesh)
-    return _evaluate(step, mesh, params, batch_stats, np.asarray(dataset.test_images),
-                     np.asarray(dataset.test_labels, np.int32), batch_size)
+    return _evaluate(step, params, batch_stats, inputs_lib.eval_batches(dataset, batch_size, mesh))
 
 
 def model_evaluator(model: nnx.Module, dataset, batch_size: int,
@@ -369,26 +349,17 @@ def model_evaluator(model: nnx.Module, dataset, batch_size: int,
     parts, _, batch_stats = split_model(model)
     step = make_eval_step(parts, mean=dataset.mean, std=dataset.std, mesh=mesh)
     batch_stats = put_replicated(jax.device_get(batch_stats), mesh)
-    images, labels = np.asarray(dataset.test_images), np.asarray(dataset.test_labels, np.int32)
 
     def evaluate_params(params: Any) -> Metrics:
-        return _evaluate(step, mesh, put_replicated(jax.device_get(params), mesh), batch_stats, images, labels,
-                         batch_size)
+        return _evaluate(step, put_replicated(jax.device_get(params), mesh), batch_stats,
+                         inputs_lib.eval_batches(dataset, batch_size, mesh))
     return evaluate_params
 
 
-def _evaluate(eval_step: Callable, mesh: Mesh, params: Any, batch_stats: Any, images: np.ndarray,
-              labels: np.ndarray, bs: int) -> Metrics:
-    sharding = batch_sharded(mesh)
+def _evaluate(eval_step: Callable, params: Any, batch_stats: Any, batches) -> Metrics:
+    """Sums of the eval step over `batches` (global `(images, labels, weights)`), as means over the weight."""
     totals = None
-    for start in range(0, len(labels), bs):
-        x, y = images[start:start + bs], labels[start:start + bs]
-        w = np.ones(len(y), np.float32)
-        pad = bs - len(y)  # one shape for every batch: pad the last one and give the padding weight 0
-        if pad:
-            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-            y, w = np.concatenate([y, np.zeros(pad, y.dtype)]), np.concatenate([w, np.zeros(pad, np.float32)])
-        x, y, w = (jax.make_array_from_callback(a.shape, sharding, lambda i, a=a: a[i]) for a in (x, y, w))
+    for x, y, w in batches:
         sums = eval_step(params, batch_stats, x, y, w)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
@@ -582,6 +553,7 @@ def _fit(model: nnx.Module, dataset, config: ml_collections.ConfigDict, workdir:
                 elapsed_before = float(meta.get("wall_time", 0.0))
                 last_saved = int(jax.device_get(state.step))
                 _warn_changed(meta, config, last_saved)
+                _restore_input(trainer, manager, last_saved)
         start = int(jax.device_get(state.step))
         end = max(start, trainer.total_steps)
         if start > trainer.total_steps and jax.process_index() == 0:
@@ -592,6 +564,7 @@ def _fit(model: nnx.Module, dataset, config: ml_collections.ConfigDict, workdir:
                            wall=lambda: elapsed_before + time.time() - t_start)   # wall time summed over resumes
         result = _run(trainer, state, start, end, parts, config, outputs)
     except BaseException:
+        trainer.inputs.close()
         if manager is not None:
             # a signal can land inside orbax's save, between creating its writer thread and starting it; closing
             # then raises "cannot join thread before it is started", which would replace the interrupt (or the
@@ -599,9 +572,24 @@ def _fit(model: nnx.Module, dataset, config: ml_collections.ConfigDict, workdir:
             with contextlib.suppress(Exception):
                 manager.close()
         raise
+    trainer.inputs.close()
     if manager is not None:
         manager.close()
     return result
+
+
+def _restore_input(trainer: Trainer, manager, step: int) -> None:
+    """The input iterator's state saved with `step`, when the input has one and the step holds it for this process
+    layout; otherwise (or if it does not point at `step`) the input starts at `step` by itself, which reads the
+    same batches (they are keyed by step)."""
+    iterator = trainer.inputs.checkpoint_item()
+    if iterator is None or not ckpt_lib.restore_input(manager, step, iterator):
+        return
+    if iterator.next_step != step:
+        if jax.process_index() == 0:
+            print(f"warning: the input state saved with step {step} is at step {iterator.next_step}; reading from "
+                  f"step {step} instead", file=sys.stderr)
+        iterator.seek(step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -632,7 +620,7 @@ def _run(trainer: Trainer, state: TrainState, start: int, end: int, parts: Model
             epoch, in_epoch = divmod(step, trainer.steps_per_epoch)
             ckpt_lib.save_state(manager, step, state, spec=out.spec, config=config,
                                 data_position={"epoch": epoch, "step_in_epoch": in_epoch},
-                                extra={"wall_time": wall()})
+                                extra={"wall_time": wall()}, input_iterator=trainer.inputs.checkpoint_item())
             saved[0] = step
 
     bar = _progress_bar(trainer.total_steps * cfg.batch_size, start * cfg.batch_size,
@@ -690,8 +678,18 @@ def _run(trainer: Trainer, state: TrainState, start: int, end: int, parts: Model
 
 
 def load_dataset_for(config: ml_collections.ConfigDict):
-    """The dataset named by ``config.data`` (synthetic kwargs only for ``synthetic``)."""
+    """The dataset named by ``config.data``: in memory, or with ``data.stream`` a prepared TFDS dataset read from
+    disk, its images of the model's input size (synthetic kwargs only for ``synthetic``)."""
     from oba_jax.experiment import data
+    if config.data.get("stream", False):
+        from models import input_shape
+        from oba_jax.experiment import streaming
+        name = config.data.name
+        mean, std = data.NORMALIZATION.get(name, ((0.5,), (0.5,)))
+        shape = tuple(input_shape(config_lib.model_spec(config)))
+        return streaming.open_stream(name, config.data.data_dir, image_shape=shape,
+                                     host_transform=config.data.host_transform, num_workers=config.data.num_workers,
+                                     mean=mean, std=std)
     kwargs = dict(config.data.synthetic) if config.data.name == "synthetic" else {}
     if "image_shape" in kwargs:
         kwargs["image_shape"] = tuple(kwargs["image_shape"])
@@ -706,7 +704,7 @@ def check_dataset_matches(spec, dataset) -> None:
     """Fails early (naming the config key) when the model's input/classes do not fit the dataset."""
     from models import input_shape
     expected = tuple(input_shape(spec))
-    got = tuple(dataset.train_images.shape[1:])
+    got = tuple(dataset.image_shape)
     if expected != got:
         raise config_lib.ConfigError(
             f"config.model.spec: the model expects {expected} images but dataset {dataset.name!r} has {got}")
@@ -726,7 +724,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -
     spec = config_lib.model_spec(config)
     dataset = load_dataset_for(config)
     check_dataset_matches(spec, dataset)
-    check_step_count(config, len(dataset.train_labels))
+    check_step_count(config, dataset.num_train)
     model = build_model(spec, rngs=nnx.Rngs(config.train.seed))
     _, metrics = fit(model, dataset, config, workdir, spec=spec)
     return {**metrics, "num_params": count_params(model), "dataset": dataset.name,

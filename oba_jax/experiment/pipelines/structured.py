@@ -39,9 +39,10 @@ __all__ = ["check_settings", "plot", "prune_once", "run", "table"]
 
 def _latency_batch(dataset, size: int) -> jax.Array:
     """The first `size` test images, normalised: the batch both latencies are measured on."""
+    from oba_jax.experiment import inputs
     from oba_jax.experiment.data import preprocess_batch
-    return preprocess_batch(jnp.asarray(dataset.test_images[:size]), None, augment=False, mean=dataset.mean,
-                            std=dataset.std)
+    images, _ = inputs.examples(dataset, "test", range(min(size, dataset.num_test)))
+    return preprocess_batch(jnp.asarray(images), None, augment=False, mean=dataset.mean, std=dataset.std)
 
 
 def _latencies_ms(models: list[nnx.Module], x: jax.Array, repeats: int) -> list[float]:
