@@ -117,11 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=float, default=PUBLISHED_A100_IMG_S,
                         help="the GPU's training rate, images/s (default: NVIDIA's published A100 rate)")
     parser.add_argument("--out", default=None, help="also write the table to this markdown file")
+    parser.add_argument("--keep", default=None, help="write the tars and the prepared dataset here and keep them "
+                        "(default: a temporary directory, deleted)")
     args = parser.parse_args(argv)
     if args.images < 2 * BATCH or args.images % (2 * BATCH):
         parser.error(f"--images must be a positive multiple of {2 * BATCH}")
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.keep or scratch
         kb = write_tars(os.path.join(tmp, "manual"), args.images)
         start = time.perf_counter()
         imagenet.prepare(os.path.join(tmp, "manual"), os.path.join(tmp, "tfds"))
@@ -131,12 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         steps = args.images // BATCH
         train_rate, eval_rate = one_process(ds, steps)
         rows = [("one process, training transform", train_rate, 1), ("one process, evaluation transform", eval_rate, 1)]
-        for workers in args.workers:
+        for workers in sorted(set(args.workers)):
             if workers > 0:
                 rows.append((f"Grain, {workers} worker process(es)", through_grain(ds, steps - 1, workers, True),
                              workers))
-            threads = max(workers, 1)
-            rows.append((f"Grain, {threads} thread(s) in this process", through_grain(ds, steps - 1, workers, False),
+        for threads in sorted({max(w, 1) for w in args.workers}):   # (0 workers: one thread of this process)
+            rows.append((f"Grain, {threads} thread(s) in this process", through_grain(ds, steps - 1, threads, False),
                          threads))
 
     lines = [f"Input speed: {args.images} ImageNet-like JPEGs (500×375, {kb:.0f} KB on average), batches of {BATCH}, "

@@ -1,4 +1,5 @@
-"""The benches run end to end and print their tables: `bench/score_speed.py --quick`, `bench/families.py`."""
+"""The benches run end to end and print their tables: `bench/score_speed.py --quick`, `bench/families.py`,
+`bench/input_speed.py`."""
 import os
 import subprocess
 import sys
@@ -30,3 +31,15 @@ def test_families_prints_a_row_of_checks_and_refuses_an_unknown_family(tmp_path)
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "families.py"), "--families", "nope"],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and "unknown families ['nope']" in bad.stderr
+
+
+def test_input_speed_prints_its_table(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "input_speed.py"), "--images", "64",
+                          "--workers", "0", "--out", str(tmp_path / "t.md")],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| ")][1:]
+    assert [r.split("|")[1].strip() for r in rows] == ["one process, training transform",
+                                                       "one process, evaluation transform",
+                                                       "Grain, 1 thread(s) in this process"]
+    assert all(float(r.split("|")[2]) > 0 for r in rows)

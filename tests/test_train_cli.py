@@ -94,9 +94,9 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, strea
     the input iterator's state from the checkpoint and ends with the uninterrupted run's weights."""
     data_dir, _ = streamed_fashion          # 64 training images: 4 steps per epoch
     args = TINY + ["--config.data.name=fashion_mnist", "--config.data.stream=true", f"--config.data.data_dir={data_dir}",
-                   "--config.data.num_workers=1", "--config.train.epochs=48", "--config.train.checkpoint_every_steps=7",
+                   "--config.data.num_workers=1", "--config.train.epochs=24", "--config.train.checkpoint_every_steps=7",
                    "--config.train.log_every_steps=7"]
-    total = 48 * 4
+    total = 24 * 4
     reference = _train(args + ["--workdir", str(tmp_path / "ref")], tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
 

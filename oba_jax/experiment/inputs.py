@@ -100,8 +100,7 @@ class _StreamTrainInput:
 
 
 def _device_train_input(ds, seed: int, batch_size: int, steps_per_epoch: int, num_steps: int, mesh: Mesh):
-    from oba_jax.sharding import batch_sharded as sharded
-    out = sharded(mesh)
+    out = batch_sharded(mesh)
     gather = jax.jit(lambda images, labels, idx: (images[idx], labels[idx]), out_shardings=(out, out))
     images, labels = put_replicated((ds.train_images, ds.train_labels.astype(np.int32)), mesh)
     return _DeviceTrainInput(images, labels, gather, seed, batch_size, steps_per_epoch)

@@ -175,13 +175,23 @@ def eval_batches(ds: StreamingDataset, *, global_batch: int, process_index: int 
     count = -(-ds.num_test // global_batch)
     example = _EvalExample(_Records(ds.folder, ds.test_split), ds.num_test, ds.host_transform,
                            ds.image_shape)
-
-    def position(k: int) -> int:
-        batch, slot = divmod(k, local)
-        return batch * global_batch + process_index * local + slot
-
+    position = _EvalPosition(global_batch, local, process_index)
     return (grain.MapDataset.range(count * local).map(position).map(example)
             .batch(local, drop_remainder=True, batch_fn=_stack))
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalPosition:
+    """Example `k` of this process's evaluation stream -> its index in the split (this process's consecutive
+    `local` slots of each global batch)."""
+
+    global_batch: int
+    local: int
+    process_index: int
+
+    def __call__(self, k: int) -> int:
+        batch, slot = divmod(int(k), self.local)
+        return batch * self.global_batch + self.process_index * self.local + slot
 
 
 def examples(ds: StreamingDataset, split: str, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -254,7 +264,8 @@ class StepIterator:
             if self._pending_state is not None:
                 self._iterator.set_state(self._pending_state)
                 self._pending_state = None
-        batch = next(self._iterator)
+        # copied out of the worker's shared memory, which is then released at once (not when JAX lets go of it)
+        batch = tuple(np.array(a, copy=True) for a in next(self._iterator))
         self.next_step += 1
         return batch
 
