@@ -44,7 +44,8 @@ def test_streamed_batches_are_the_in_memory_ones_by_step_and_by_process(streamed
         a, b = _host(streamed.batch(step)), _host(held.batch(step))
         np.testing.assert_array_equal(a[0], b[0])
         np.testing.assert_array_equal(a[1], b[1])
-        idx = training.batch_indices(3, *divmod(step, 4), 64, 16)           # the order, from its definition
+        epoch, in_epoch = divmod(step, 4)          # the documented order: a permutation of (seed, epoch)
+        idx = np.random.default_rng((3, epoch)).permutation(64)[in_epoch * 16:(in_epoch + 1) * 16]
         np.testing.assert_array_equal(a[1], arrays[1][idx])
     streamed.close()
     # each of P processes reads its consecutive B/P examples of the global batch

@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 from models import build_model
-from oba_jax.experiment import config as config_lib, training as train_lib
+from oba_jax.experiment import config as config_lib, inputs, training as train_lib
 from oba_jax.losses import cross_entropy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,10 +128,10 @@ def test_evaluate_pads_last_batch_and_matches_direct_computation():
 
 
 def test_batch_order_is_a_pure_function_of_seed_and_epoch():
-    a = train_lib.batch_indices(3, 2, 1, 100, 16)
-    np.testing.assert_array_equal(a, train_lib.batch_indices(3, 2, 1, 100, 16))
-    assert not np.array_equal(a, train_lib.batch_indices(3, 1, 1, 100, 16))
-    epoch = np.concatenate([train_lib.batch_indices(0, 0, i, 100, 16) for i in range(6)])
+    a = inputs.batch_indices(3, 2, 1, 100, 16)
+    np.testing.assert_array_equal(a, inputs.batch_indices(3, 2, 1, 100, 16))
+    assert not np.array_equal(a, inputs.batch_indices(3, 1, 1, 100, 16))
+    epoch = np.concatenate([inputs.batch_indices(0, 0, i, 100, 16) for i in range(6)])
     assert len(set(epoch.tolist())) == 96  # no repeats within an epoch; the last 4 are dropped
     k1, k2 = train_lib.step_rng(0, 5), train_lib.step_rng(0, 5)
     np.testing.assert_array_equal(jax.random.key_data(k1), jax.random.key_data(k2))

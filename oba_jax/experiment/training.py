@@ -1,4 +1,5 @@
-"""Data-parallel SGD training and evaluation of NNX models on in-memory datasets.
+"""Data-parallel SGD training and evaluation of NNX models, on in-memory or streamed datasets (the batches come
+from `oba_jax.experiment.inputs`, by global step).
 
 The model is split NNX-style into ``graphdef`` (static structure), ``params`` (``nnx.Param``),
 ``batch_stats`` (``nnx.BatchStat``) and ``other`` (any remaining state, kept constant). A
@@ -9,9 +10,10 @@ Parallelism: the data mesh of `oba_jax.sharding` (1-D, named ``'data'``, all dev
 sharded along it, parameters and optimizer state replicated, so XLA inserts the gradient
 all-reduce. Nothing depends on the device count except that it must divide the batch size.
 
-Determinism: the epoch permutation comes from ``(seed, epoch)`` and the augmentation rng from
-``(seed, step)``, so a run resumed from a checkpoint at step ``s`` replays exactly the batches an
-uninterrupted run would have seen.
+Determinism: the epoch permutation comes from ``(seed, epoch)``, a streamed image's augmentation from
+``(seed, epoch, index)`` and the device augmentation rng from ``(seed, step)``, so a run resumed from a
+checkpoint at step ``s`` replays exactly the batches an uninterrupted run would have seen (a streamed run also
+restores its input iterator's state from the checkpoint).
 
 Entry points: :func:`train_and_evaluate` (config + workdir, what ``train.py`` calls) and
 :func:`fit` (an already-built model, e.g. a pruned one to fine-tune).
@@ -216,12 +218,6 @@ def make_eval_step(parts: ModelParts, *, mean, std, mesh: Mesh) -> Callable:
 
 
 # ----------------------------------------------------------------------------- data order
-
-
-def batch_indices(seed: int, epoch: int, step_in_epoch: int, num_examples: int, batch_size: int) -> np.ndarray:
-    """Indices of batch ``step_in_epoch`` of ``epoch`` (the incomplete last batch is dropped); the order of
-    every input, in memory or streamed (`oba_jax.experiment.inputs`)."""
-    return inputs_lib.batch_indices(seed, epoch, step_in_epoch, num_examples, batch_size)
 
 
 def step_rng(seed: int, step: int) -> jax.Array:
