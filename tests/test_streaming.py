@@ -65,9 +65,11 @@ def test_streamed_batches_are_the_in_memory_ones_by_step_and_by_process(streamed
     np.testing.assert_array_equal(labels, arrays[3][[9, 0]])
 
 
-def test_training_on_a_stream_resumes_from_its_saved_iterator_and_equals_training_in_memory(streamed_fashion, tmp_path):
+def test_training_on_a_stream_resumes_from_its_saved_iterator_and_equals_training_in_memory(streamed_fashion, tmp_path,
+                                                                                            capsys):
     """6 steps from memory against 3 + 3 from disk with a checkpoint between (the resume restores the Grain
-    iterator's state from the checkpoint's `input` item): the same parameters, bit for bit."""
+    iterator's state from the checkpoint's `input` item): the same parameters, bit for bit. A damaged input state
+    costs only itself: a warning, and the stream starts afresh at the step."""
     from models import build_model
     data_dir, arrays = streamed_fashion
     config = config_lib.default_sections()
@@ -83,11 +85,16 @@ def test_training_on_a_stream_resumes_from_its_saved_iterator_and_equals_trainin
     training.fit(model, _stream(data_dir), config, str(tmp_path))
     saved = tmp_path / "checkpoints" / "3" / "input" / "process_0-of-1.json"
     assert b'"next_step": 3' in saved.read_bytes()
+    shutil.copytree(tmp_path / "checkpoints", tmp_path / "damaged" / "checkpoints")
+    (tmp_path / "damaged" / saved.relative_to(tmp_path)).write_text("{not json")
     config.train.max_steps = 6
-    streamed, streamed_metrics = training.fit(model, _stream(data_dir), config, str(tmp_path))
-    for a, b in zip(jax.tree.leaves(nnx.state(held, nnx.Param)), jax.tree.leaves(nnx.state(streamed, nnx.Param))):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert held_metrics["top1"] == streamed_metrics["top1"] and held_metrics["loss"] == streamed_metrics["loss"]
+    for workdir in (tmp_path, tmp_path / "damaged"):
+        capsys.readouterr()
+        streamed, streamed_metrics = training.fit(model, _stream(data_dir), config, str(workdir))
+        for a, b in zip(jax.tree.leaves(nnx.state(held, nnx.Param)), jax.tree.leaves(nnx.state(streamed, nnx.Param))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert held_metrics["top1"] == streamed_metrics["top1"] and held_metrics["loss"] == streamed_metrics["loss"]
+        assert ("input iterator state" in capsys.readouterr().err) == (workdir != tmp_path)
 
 
 def _tar_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:

@@ -579,9 +579,15 @@ def _restore_input(trainer: Trainer, manager, step: int) -> None:
     layout; otherwise (or if it does not point at `step`) the input starts at `step` by itself, which reads the
     same batches (they are keyed by step)."""
     iterator = trainer.inputs.checkpoint_item()
-    if iterator is None or not ckpt_lib.restore_input(manager, step, iterator):
+    if iterator is None:
         return
-    if iterator.next_step != step:
+    try:
+        restored = ckpt_lib.restore_input(manager, step, iterator)
+    except ckpt_lib.CorruptCheckpointError as err:   # the weights are intact: lose only the iterator's state
+        print(f"warning: {err}; the input starts afresh at step {step}, which reads the same batches", file=sys.stderr)
+        iterator.seek(step)
+        return
+    if restored and iterator.next_step != step:
         if jax.process_index() == 0:
             print(f"warning: the input state saved with step {step} is at step {iterator.next_step}; reading from "
                   f"step {step} instead", file=sys.stderr)
