@@ -170,6 +170,9 @@ def test_config_trains_and_prunes_on_synthetic_data(path, tmp_path, request):
     ("data.augment", "maybe", "data.augment"),
     ("model.spec.hidden", "(0,)", "model.spec"),
     ("optim.milestones", "(100, 60)", "optim.milestones"),
+    ("data.host_transform", "crop", "data.host_transform"),
+    ("data.host_transform", "imagenet", "data.host_transform"),     # only a stream's workers transform images
+    ("data.num_workers", "-1", "data.num_workers"),
 ])
 def test_bad_overrides_are_rejected_naming_the_key(key, value, fragment):
     path = os.path.join(REPO, "configs", "fashion_mnist.py")
@@ -182,6 +185,16 @@ def test_bad_overrides_are_rejected_naming_the_key(key, value, fragment):
     with pytest.raises(config_lib.ConfigError) as info:
         config_lib.load_config(path, [(key, value)], num_devices=1)
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("config, overrides, key", [
+    ("imagenet_resnet50", [("data.stream", "false")], "data.stream"),
+    ("fashion_mnist", [("data.stream", "true"), ("data.download", "true")], "data.download"),
+    ("synthetic_mlp", [("data.stream", "true")], "data.stream"),
+])
+def test_stream_settings_that_cannot_work_are_rejected(config, overrides, key):
+    with pytest.raises(config_lib.ConfigError, match=key.replace(".", r"\.")):
+        config_lib.load_config(os.path.join(REPO, "configs", f"{config}.py"), overrides, num_devices=1)
 
 
 def test_batch_size_must_divide_device_count():

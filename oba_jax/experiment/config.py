@@ -370,7 +370,10 @@ def _validate_streaming(config: ml_collections.ConfigDict, name: str) -> None:
     _check(transform in HOST_TRANSFORMS, "data.host_transform",
            f"unknown transform {transform!r}; expected one of {HOST_TRANSFORMS}")
     _check(_is_int(workers) and workers >= 0, "data.num_workers", f"must be an int >= 0, got {workers!r}")
-    _check(not stream or name not in ("synthetic",), "data.stream", "synthetic data is made in memory; set it false")
+    _check(not stream or name != "synthetic", "data.stream", "synthetic data is made in memory; set it false")
+    _check(not stream or not _get(config, "data.download"), "data.download",
+           "a streamed dataset is a prepared TFDS directory, which is never downloaded (see README 'ImageNet' for "
+           "how to prepare one); set it false")
     _check(stream or name != "imagenet2012", "data.stream", "imagenet2012 does not fit in memory: it must be streamed "
            "(true, as configs/imagenet_*.py set it)")
     _check(stream or transform == "none", "data.host_transform",
