@@ -16,7 +16,7 @@ def encoded(array: np.ndarray, fmt: str) -> bytes:
 
 
 def write(data_dir: str, name: str, version: str, splits: dict[str, list[tuple[bytes, int]]], *, num_classes: int,
-          encoding: str, shape: tuple | None = None) -> str:
+          encoding: str, shape: tuple | None = None, num_shards: int | None = None) -> str:
     """Writes `splits` ({split: [(encoded image, label)]}) as the prepared TFDS dataset `data_dir/name/version/`
     (the builder is not registered, so a real dataset of the same name stays as TFDS has it). Returns that folder."""
     import tensorflow_datasets as tfds
@@ -42,7 +42,7 @@ def write(data_dir: str, name: str, version: str, splits: dict[str, list[tuple[b
                     yield i, {"image": image, "label": label}
 
         builder = Builder(data_dir=data_dir, file_format="array_record")
-        builder.download_and_prepare()
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=num_shards))
     return str(builder.data_dir)
 
 

@@ -5,6 +5,7 @@ datasets fail with one clear message."""
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import tarfile
 
@@ -169,3 +170,19 @@ def test_a_dataset_without_an_evaluation_split_or_with_a_damaged_shard_is_refuse
         _stream(str(damaged), "imagenet2012", (16, 16, 3), "imagenet")
     with pytest.raises(data.DatasetNotFoundError, match="imagenet2012"):
         _stream(str(tmp_path / "nothing_here"), "imagenet2012", (16, 16, 3), "imagenet")
+
+    # three shards, the middle one damaged: found when the stream opens (every shard's first record is read) …
+    images = [(fake_tfds.encoded(np.full((8, 8, 3), k, np.uint8), "jpeg"), k % 10) for k in range(12)]
+    sharded = tmp_path / "sharded"
+    folder = fake_tfds.write(str(sharded), "imagenet2012", "5.1.0", {"train": images, "validation": images[:3]},
+                             num_classes=10, encoding="jpeg", num_shards=3)
+    stream = _stream(str(sharded), "imagenet2012", (16, 16, 3), "imagenet")
+    middle = sorted(p for p in os.listdir(folder) if "-train.array_record" in p)[1]
+    intact = open(os.path.join(folder, middle), "rb").read()
+    open(os.path.join(folder, middle), "wb").write(intact[:100])
+    with pytest.raises(data.CorruptDatasetError, match=f"its shard {middle} is damaged"):
+        _stream(str(sharded), "imagenet2012", (16, 16, 3), "imagenet")
+    # … and, damaged after that, when the training stream reaches it: the same message, not a reader's traceback
+    with pytest.raises(data.CorruptDatasetError, match=f"record .* of the 'train' split cannot be read.*{middle}"):
+        for step in range(6):
+            streaming.train_batches(stream, seed=0, global_batch=2, steps_per_epoch=6, num_steps=6)[step]

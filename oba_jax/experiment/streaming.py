@@ -72,12 +72,20 @@ class _Records:
         return {"folder": self.folder, "split": self.split, "_source": None}
 
     def __getitem__(self, index: int) -> dict:
-        if self._source is None:
-            import tensorflow_datasets as tfds
-            # the encoded bytes: the host transform decodes them (PIL; TFDS' decoder would decode them first)
-            self._source = tfds.builder_from_directory(self.folder).as_data_source(
-                self.split, decoders={"image": tfds.decode.SkipDecoding()})
-        return self._source[int(index)]
+        try:
+            if self._source is None:
+                import tensorflow_datasets as tfds
+                # the encoded bytes: the host transform decodes them (PIL; TFDS' decoder would decode them first)
+                self._source = tfds.builder_from_directory(self.folder).as_data_source(
+                    self.split, decoders={"image": tfds.decode.SkipDecoding()})
+            return self._source[int(index)]
+        except Exception as err:   # array_record / TFDS raise assorted errors for a damaged shard
+            from oba_jax.experiment.data import CorruptDatasetError
+            detail = str(err).splitlines()[0] if str(err) else ""
+            raise CorruptDatasetError(
+                f"{self.folder}: record {index} of the {self.split!r} split cannot be read ({type(err).__name__}: "
+                f"{detail}); its shard {_shard_of(self.folder, self.split, int(index))} is damaged or not this "
+                "dataset's: prepare the dataset again") from err
 
 
 @functools.lru_cache(maxsize=2)
@@ -302,8 +310,9 @@ def open_stream(name: str, data_dir: str | None, *, image_shape: tuple[int, int,
     """The prepared TFDS dataset `name` (the first of `data.tfds_search_dirs(data_dir)` that has it) as a stream.
 
     Raises `DatasetNotFoundError` when no directory has it or it lacks the train split or an evaluation split
-    (`EVAL_SPLITS`), and `CorruptDatasetError` naming the files when its records cannot be read (the first and last
-    record of both splits are read here, so a truncated or foreign shard fails before any training)."""
+    (`EVAL_SPLITS`), and `CorruptDatasetError` naming the shard when a record cannot be read (the first record of
+    every shard and the last of each split are read here, so a truncated or foreign shard fails before any
+    training; one damaged inside fails when it is read, with the same message)."""
     from oba_jax.experiment import data
     dirs = data.tfds_search_dirs(data_dir)
     found = [d for d in dirs if data.has_prepared_tfds(name, d)]
@@ -328,19 +337,26 @@ def open_stream(name: str, data_dir: str | None, *, image_shape: tuple[int, int,
                           mean=tuple(mean), std=tuple(std), host_transform=host_transform,
                           num_workers=int(num_workers), source=f"tfds-stream:{root}")
     for split, n in ((ds.train_split, ds.num_train), (ds.test_split, ds.num_test)):
-        records = _Records(ds.folder, split)
-        for index in sorted({0, n - 1}):
-            try:
-                _EvalExample(records, n, host_transform, ds.image_shape)(index)
-            except data.CorruptDatasetError:
-                raise
-            except Exception as err:   # array_record / TFDS / PIL raise assorted errors for a damaged shard
-                raise data.CorruptDatasetError(
-                    f"{builder.data_dir}: record {index} of the {split!r} split cannot be read "
-                    f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); the shards "
-                    f"{split_files(builder.data_dir, name, split)} are damaged or not this dataset's: prepare it "
-                    "again") from err
+        read = _EvalExample(_Records(ds.folder, split), n, host_transform, ds.image_shape)
+        for index in _shard_starts(builder.info.splits[split].shard_lengths) + [n - 1]:
+            read(index)   # the first record of every shard and the last one: damage shows here, not hours later
     return ds
+
+
+def _shard_of(folder: str, split: str, index: int) -> str:
+    """The file of `split`'s shard that holds record `index` (all of them, if the dataset's info cannot say)."""
+    files = split_files(folder, split)
+    try:
+        import tensorflow_datasets as tfds
+        lengths = tfds.builder_from_directory(folder).info.splits[split].shard_lengths
+        return files[int(np.searchsorted(np.cumsum(lengths), index, side="right"))]
+    except Exception:   # (a message is being written: never fail while writing it)
+        return ", ".join(files)
+
+
+def _shard_starts(lengths: Sequence[int]) -> list[int]:
+    """The index of each shard's first record."""
+    return [int(start) for start, length in zip(np.cumsum([0, *lengths[:-1]]), lengths) if length]
 
 
 def _builder(name: str, root: str):
@@ -352,7 +368,7 @@ def _builder(name: str, root: str):
     return tfds.builder_from_directory(os.path.dirname(infos[-1]))
 
 
-def split_files(folder: str, name: str, split: str) -> list[str]:
-    """The basenames of `split`'s array_record shards in `folder`."""
+def split_files(folder: str, split: str) -> list[str]:
+    """The basenames of `split`'s array_record shards in `folder` (`<name>-<split>.array_record-…`)."""
     import glob
-    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, f"{name}-{split}.array_record*")))
+    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, f"*-{split}.array_record*")))
