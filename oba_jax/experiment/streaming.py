@@ -5,14 +5,15 @@ Every batch is a pure function of where it is:
 
 - training step `s` of a run with global batch `B`, `P` processes and `spe` steps per epoch holds the examples
   `epoch_order(seed, e, n)[i*B:(i+1)*B]` with `e, i = divmod(s, spe)` — the in-memory input's order exactly
-  (`oba_jax.experiment.training.batch_indices`), so a dataset gives the same batches from memory and from disk;
+  (`oba_jax.experiment.inputs.batch_indices`), so a dataset gives the same batches from memory and from disk;
   process `p` reads its `B/P` consecutive examples of that batch;
 - an example's augmentation draws from `np.random.default_rng((seed, epoch, index))`;
 - evaluation batch `k` holds the examples `k*B .. k*B+B-1` in file order, the last batch padded with weight 0.
 
 So `MapDataset[s]` is the batch of step `s` wherever it is computed (in this process or a Grain worker), and a
 run that resumes at step `s` reads what an uninterrupted run would have read. This module imports numpy, PIL and
-Grain only (its classes are pickled into Grain's worker processes, which should not start JAX).
+Grain (which imports JAX), no Flax and no model code: its classes are pickled into Grain's worker processes, which
+should start quickly.
 """
 
 from __future__ import annotations
