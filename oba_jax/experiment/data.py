@@ -340,10 +340,21 @@ def read_cifar_dir(name: str, directory: str) -> tuple[dict[str, np.ndarray], st
 # ----------------------------------------------------------------------------- TFDS prepared dirs
 
 
+def prepared_tfds_folders(name: str, directory: str) -> list[str]:
+    """The prepared ``directory/<name>/[<config>/]<version>/`` folders (those with a ``dataset_info.json``), oldest
+    version first (found without importing TFDS)."""
+    infos = (glob.glob(os.path.join(directory, name, "*", "dataset_info.json"))
+             + glob.glob(os.path.join(directory, name, "*", "*", "dataset_info.json")))
+
+    def version(folder: str) -> tuple:
+        parts = os.path.basename(folder).split(".")
+        return tuple(int(p) if p.isdigit() else -1 for p in parts), folder
+    return sorted((os.path.dirname(p) for p in infos), key=version)
+
+
 def has_prepared_tfds(name: str, directory: str) -> bool:
     """True when ``directory/<name>/<version>/dataset_info.json`` exists (checked without importing TFDS)."""
-    return bool(glob.glob(os.path.join(directory, name, "*", "dataset_info.json"))
-                or glob.glob(os.path.join(directory, name, "*", "*", "dataset_info.json")))
+    return bool(prepared_tfds_folders(name, directory))
 
 
 def tfds_source(name: str, directory: str, split: str, **kwargs):

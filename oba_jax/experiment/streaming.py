@@ -362,11 +362,10 @@ def _shard_starts(lengths: Sequence[int]) -> list[int]:
 
 def _builder(name: str, root: str):
     """TFDS' builder of the prepared `root/name/<version>` (the newest version), read from its files alone."""
-    import glob
     import tensorflow_datasets as tfds
-    infos = sorted(glob.glob(os.path.join(root, name, "*", "dataset_info.json"))
-                   + glob.glob(os.path.join(root, name, "*", "*", "dataset_info.json")))
-    return tfds.builder_from_directory(os.path.dirname(infos[-1]))
+
+    from oba_jax.experiment.data import prepared_tfds_folders
+    return tfds.builder_from_directory(prepared_tfds_folders(name, root)[-1])
 
 
 def split_files(folder: str, split: str) -> list[str]:
